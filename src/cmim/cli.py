@@ -1,0 +1,87 @@
+"""``cmim`` command line: pretrain | eval | export | viz | report | bench | pipeline.
+
+Errors a user can fix (bad config, missing path, incompatible checkpoint) print one ``cmim: error:`` line and
+exit with status 2; nothing is written before the config has been validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from cmim.config import ConfigError, load_config
+from cmim.engine.checkpoint import CheckpointError
+
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError)
+
+# sub-command -> module with `add_parser(subparsers)`; each sets `func` on its parser.
+COMMAND_MODULES: dict[str, str] = {}
+
+
+def register(name: str, module: str) -> None:
+    COMMAND_MODULES[name] = module
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from cmim.engine.trainer import pretrain
+
+    summary = pretrain(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_pretrain_summary(summary)
+    return 0
+
+
+def print_pretrain_summary(summary: dict) -> None:
+    knn = summary.get("knn") or []
+    speed = summary.get("img_per_s")
+    print(f"cmim: {summary['method']} finished {summary['steps']}/{summary['total_steps']} steps"
+          + (f", {speed:.1f} img/s" if speed else "") + f"; checkpoint: {summary['checkpoint']}")
+    if knn:
+        first, last = knn[0], knn[-1]
+        if first["step"] == 0 and len(knn) > 1:
+            print(f"k-NN top-1 (k={first.get('k', 20)}, {first['encoder']}, {first['feature']} features): "
+                  f"random init {first['knn_top1']:.2f}% -> pre-trained {last['knn_top1']:.2f}% "
+                  f"(epoch {last['epoch']})")
+        else:
+            print(f"k-NN top-1: {last['knn_top1']:.2f}% at epoch {last['epoch']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmim", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="pre-train an encoder (ConMIM, MoCo v3, MimCo, SimMIM)",
+                       description="Pre-train from a YAML recipe; any value can be overridden as key=value, "
+                                   "e.g. `cmim pretrain configs/conmim_fmnist_cpu.yaml train.epochs=2`. "
+                                   "Multi-process: `torchrun --nproc_per_node=N -m cmim.cli pretrain ...`.")
+    p.add_argument("config", help="YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=_pretrain)
+    for name, module in COMMAND_MODULES.items():
+        mod = importlib.import_module(module)
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except USER_ERRORS as e:
+        print(f"cmim: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cmim: interrupted; resume with the same command (train.resume=auto)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

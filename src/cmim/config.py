@@ -1,0 +1,324 @@
+"""Typed configuration: OmegaConf structured dataclasses, YAML recipes and ``key=value`` overrides.
+
+Every recipe is merged into the dataclass schema below, so an unknown key or a value of the wrong type is
+rejected by OmegaConf before any work starts; :func:`validate` then checks the relations between values
+(mask ratio, image/patch divisibility, paths) and raises :class:`ConfigError` with one readable line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+METHODS = ("conmim", "mocov3", "mimco", "simmim")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "vit"  # "vit" (timm VisionTransformer, absolute pos. embedding) | "beit" (timm Beit)
+    size: str = "small"  # tiny | small | base | large preset (width/depth/heads); overridable below
+    patch_size: int = 16
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path: float = 0.0
+    # Beit: layer scale init (the ConMIM/BEiT reference uses 0.1); ViT: None = no layer scale.
+    layer_scale_init: float | None = None
+    # Beit: shared relative position bias (reference) instead of an absolute position embedding.
+    shared_rel_pos_bias: bool = True
+    pos_embed: str = "learn"  # "learn" | "sincos" (fixed 2-D sin-cos, MoCo v3); ViT family only
+    frozen_patch_embed: bool = False  # MoCo v3's frozen random patch projection
+    global_pool: str = "avg"  # pooled feature of the exported timm model: "avg" (mean of patch tokens) | "token"
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"  # fashion-mnist | folder | synthetic | cifar10 | cifar100
+    root: str | None = None  # None: the dataset's default location (Debian's Fashion-MNIST)
+    train_split: str = "train"
+    eval_split: str = "test"
+    img_size: int = 224
+    in_chans: int = 3
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    interpolation: str = "bicubic"
+    hflip_prob: float = 0.5
+    eval_crop_pct: float = 0.875
+    synthetic_size: int = 512
+    synthetic_classes: int = 4
+    subset: int | None = None
+    num_workers: int = 4
+
+
+@dataclass
+class MaskConfig:
+    kind: str = "block"  # "block" (BEiT block-wise) | "random" (random cells on a coarse grid)
+    ratio: float = 0.4  # fraction of patches masked (block: 75 of 196 = 0.383 in the reference)
+    cell: int = 1  # random: cell side in patches (2 = 32 px cells over 16 px patches)
+    min_num_patches: int = 16  # block: smallest block
+    min_aspect: float = 0.3  # block: aspect ratio range [min_aspect, 1/min_aspect]
+
+
+@dataclass
+class OptimConfig:
+    lr: float | None = None  # absolute peak lr; None = blr * global_batch / 256
+    blr: float = 1.5e-4
+    min_lr: float = 1e-5  # floor of the cosine schedule
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    warmup_epochs: float = 10.0
+    clip_grad: float | None = 3.0
+    fused: bool = True  # fused AdamW kernel where available (CPU and CUDA)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 2048  # global batch: over all processes and accumulation steps
+    accum_steps: int = 1
+    precision: str = "bf16"  # "bf16" autocast | "fp32"
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    out_dir: str = "runs/conmim"
+    resume: str | None = "auto"  # "auto": out_dir/checkpoint.pt when present; a path; or null
+    ckpt_every_steps: int = 0  # 0: only at epoch ends
+    log_every_steps: int = 20
+    max_steps: int | None = None  # stop early (schedules still span all epochs): smoke runs and tests
+    sync_bn: bool = True  # SyncBatchNorm in heads for multi-process runs
+    compile: bool = False  # torch.compile the method's forward
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class MonitorConfig:
+    every_epochs: int = 1  # online k-NN every K epochs (0 disables)
+    at_start: bool = True  # also measure the random-init encoder before training
+    encoder: str = "teacher"  # teacher (EMA; what downstream use takes) | student
+    feature: str = "mean"  # "mean" of patch tokens (ConMIM trains patch tokens) | "cls"
+    k: int = 20
+    temperature: float = 0.07
+    train_subset: int | None = 10000
+    test_subset: int | None = 2000
+    batch_size: int = 256
+
+
+@dataclass
+class ConMIMConfig:
+    temperature: float = 0.1
+    proj_hidden_dim: int = 4096
+    proj_out_dim: int = 256
+    momentum: float = 0.996  # EMA momentum, cosine to momentum_final per iteration; 0 = no EMA (ablation)
+    momentum_final: float = 1.0
+    teacher_view: str = "conmim_strong"  # photometric profile of the teacher view; "none" = both weak
+    student_view: str = "none"
+
+
+@dataclass
+class MoCoV3Config:
+    temperature: float = 0.2
+    proj_hidden_dim: int = 4096
+    proj_out_dim: int = 256
+    pred_hidden_dim: int = 4096
+    momentum: float = 0.99
+    momentum_final: float = 1.0
+
+
+@dataclass
+class MimCoConfig:
+    teacher: str | None = None  # path: cmim checkpoint, MoCo v3 release .pth.tar, or timm weights
+    teacher_format: str = "auto"  # auto | cmim | mocov3 | timm
+    teacher_timm_name: str | None = None  # for teacher_format=timm
+    teacher_timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    teacher_encoder: str = "teacher"  # for cmim checkpoints: teacher (EMA) | student
+    target: str = "projector"  # teacher features used as targets: "projector" outputs | "backbone" tokens
+    patch_temperature: float = 0.1
+    image_temperature: float = 0.2
+    image_weight: float = 1.0  # lambda in L = L_patch + lambda * L_image
+    patch_negatives: str = "image"  # "image": other patches of the same image | "batch": all patches
+    proj_hidden_dim: int = 4096
+    teacher_view: str = "none"
+
+
+@dataclass
+class SimMIMConfig:
+    norm_pix: bool = True
+
+
+@dataclass
+class Config:
+    method: str = "conmim"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    conmim: ConMIMConfig = field(default_factory=ConMIMConfig)
+    mocov3: MoCoV3Config = field(default_factory=MoCoV3Config)
+    mimco: MimCoConfig = field(default_factory=MimCoConfig)
+    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe, following ``_base_`` (a path or list of paths relative to the recipe)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"config inheritance loop at {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping")
+    bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    merged: dict = {}
+    for b in bases:
+        merged = _deep_merge(merged, _read_yaml((path.parent / b).resolve(), seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Schema <- recipe YAML (with ``_base_``) <- ``key=value`` overrides, then :func:`validate`."""
+    cfg = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path).resolve()))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override must look like key=value: {bad[0]!r}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        validate(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    return cfg
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check relations between values; raise ConfigError with one line naming the key."""
+    m, d, mk, o, t = cfg.model, cfg.data, cfg.mask, cfg.optim, cfg.train
+    _require(cfg.method in METHODS, f"method: unknown method {cfg.method!r} (choose from {', '.join(METHODS)})")
+    _require(m.family in ("vit", "beit"), f"model.family: must be vit or beit, got {m.family!r}")
+    _require(m.size in ("tiny", "small", "base", "large"), f"model.size: unknown preset {m.size!r}")
+    _require(m.pos_embed in ("learn", "sincos"), f"model.pos_embed: must be learn or sincos, got {m.pos_embed!r}")
+    _require(m.global_pool in ("avg", "token"), f"model.global_pool: must be avg or token, got {m.global_pool!r}")
+    _require(m.patch_size > 0, "model.patch_size: must be positive")
+    _require(0.0 <= m.drop_path < 1.0, f"model.drop_path: must be in [0, 1), got {m.drop_path}")
+    _require(d.img_size > 0 and d.img_size % m.patch_size == 0,
+             f"data.img_size: {d.img_size} is not divisible by model.patch_size {m.patch_size}")
+    _require(d.name in ("fashion-mnist", "folder", "synthetic", "cifar10", "cifar100"),
+             f"data.name: unknown dataset {d.name!r}")
+    _require(d.in_chans in (1, 3), f"data.in_chans: must be 1 or 3, got {d.in_chans}")
+    _require(len(d.mean) == d.in_chans and len(d.std) == d.in_chans,
+             f"data.mean/std: need {d.in_chans} values each (data.in_chans)")
+    _require(all(s > 0 for s in d.std), "data.std: values must be positive")
+    _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+             f"data.crop_scale: need 0 < min <= max <= 1, got {list(d.crop_scale)}")
+    _require(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1],
+             f"data.crop_ratio: need 0 < min <= max, got {list(d.crop_ratio)}")
+    _require(d.interpolation in ("bicubic", "bilinear"), f"data.interpolation: {d.interpolation!r} unsupported")
+    _require(0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob: must be in [0, 1]")
+    _require(0.0 < d.eval_crop_pct <= 1.0, "data.eval_crop_pct: must be in (0, 1]")
+    _require(d.num_workers >= 0, "data.num_workers: must be >= 0")
+    if d.name != "synthetic":
+        if d.root is not None:
+            _require(Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
+        else:
+            _require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
+    _require(mk.kind in ("block", "random"), f"mask.kind: must be block or random, got {mk.kind!r}")
+    _require(0.0 < mk.ratio < 1.0, f"mask.ratio: must be in (0, 1), got {mk.ratio}")
+    grid = d.img_size // m.patch_size
+    _require(mk.cell >= 1 and grid % mk.cell == 0,
+             f"mask.cell: patch grid {grid} is not divisible by mask.cell {mk.cell}")
+    _require(mk.min_num_patches >= 1, "mask.min_num_patches: must be >= 1")
+    _require(0.0 < mk.min_aspect <= 1.0, "mask.min_aspect: must be in (0, 1]")
+    _require(o.lr is None or o.lr > 0, "optim.lr: must be positive")
+    _require(o.blr > 0 and o.min_lr >= 0, "optim.blr/min_lr: must be positive")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas: need two values in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay: must be >= 0")
+    _require(o.warmup_epochs >= 0, "optim.warmup_epochs: must be >= 0")
+    _require(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad: must be positive or null")
+    _require(t.epochs > 0, f"train.epochs: must be positive, got {t.epochs}")
+    _require(t.batch_size > 0, f"train.batch_size: must be positive, got {t.batch_size}")
+    _require(t.accum_steps >= 1, "train.accum_steps: must be >= 1")
+    _require(t.batch_size % t.accum_steps == 0,
+             f"train.batch_size: {t.batch_size} is not divisible by train.accum_steps {t.accum_steps}")
+    _require(t.precision in ("bf16", "fp32"), f"train.precision: must be bf16 or fp32, got {t.precision!r}")
+    _require(t.device in ("auto", "cpu", "cuda"), f"train.device: must be auto, cpu or cuda, got {t.device!r}")
+    _require(t.max_steps is None or t.max_steps > 0, "train.max_steps: must be positive or null")
+    _require(t.ckpt_every_steps >= 0 and t.log_every_steps > 0, "train.ckpt_every_steps/log_every_steps: invalid")
+    if t.resume not in (None, "auto"):
+        _require(Path(t.resume).is_file(), f"train.resume: checkpoint not found: {t.resume}")
+    mon = cfg.monitor
+    _require(mon.every_epochs >= 0, "monitor.every_epochs: must be >= 0")
+    _require(mon.encoder in ("teacher", "student"), "monitor.encoder: must be teacher or student")
+    _require(mon.feature in ("mean", "cls"), "monitor.feature: must be mean or cls")
+    _require(mon.k >= 1 and mon.temperature > 0, "monitor.k/temperature: must be positive")
+    for name in ("conmim", "mocov3"):
+        sec = cfg[name]
+        _require(sec.temperature > 0, f"{name}.temperature: must be positive")
+        _require(0.0 <= sec.momentum <= 1.0 and 0.0 <= sec.momentum_final <= 1.0,
+                 f"{name}.momentum: must be in [0, 1]")
+    profiles = ("none", "conmim_strong", "byol1", "byol2")
+    _require(cfg.conmim.teacher_view in profiles, f"conmim.teacher_view: must be one of {profiles}")
+    _require(cfg.conmim.student_view in profiles, f"conmim.student_view: must be one of {profiles}")
+    mc = cfg.mimco
+    _require(mc.teacher_view in profiles, f"mimco.teacher_view: must be one of {profiles}")
+    _require(mc.target in ("projector", "backbone"), "mimco.target: must be projector or backbone")
+    _require(mc.patch_negatives in ("image", "batch"), "mimco.patch_negatives: must be image or batch")
+    _require(mc.teacher_format in ("auto", "cmim", "mocov3", "timm"), "mimco.teacher_format: unknown format")
+    _require(mc.patch_temperature > 0 and mc.image_temperature > 0, "mimco temperatures must be positive")
+    _require(mc.image_weight >= 0, "mimco.image_weight: must be >= 0")
+    if cfg.method == "mimco":
+        _require(mc.teacher is not None, "mimco.teacher: a teacher checkpoint is required for method=mimco")
+    if mc.teacher is not None and cfg.method == "mimco":
+        _require(Path(mc.teacher).is_file(), f"mimco.teacher: file not found: {mc.teacher}")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def from_yaml_string(text: str) -> DictConfig:
+    """Rebuild a config stored in a checkpoint (validated against today's schema, without path checks)."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"stored config does not fit this version of cmim: {_one_line(e)}") from None

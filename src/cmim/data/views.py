@@ -1,0 +1,261 @@
+"""Per-sample geometric work (crops, flips) with randomness that depends only on (seed, epoch, index).
+
+Every random decision of an item is drawn, in a fixed order (crops+flips, photometric parameters, mask),
+from ``np.random.default_rng([seed, epoch, index])``. A sample's views are therefore identical whatever
+the number of DataLoader workers or processes, and a resumed run replays exactly the same data.
+Photometric pixel work is deferred to the device (:mod:`cmim.data.augment`); workers only ship uint8
+crops plus the sampled parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+
+from cmim.data.augment import NUM_PARAMS, PROFILES, sample_photometric_params
+from cmim.data.datasets import BaseImageDataset, ImageLike, build_base_dataset
+
+__all__ = [
+    "EvalDataset",
+    "PretrainDataset",
+    "ViewSpec",
+    "build_eval_dataset",
+    "build_pretrain_dataset",
+    "random_resized_crop_params",
+]
+
+MaskGenerator = Callable[[np.random.Generator], np.ndarray]
+
+_PIL_INTERP = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+_TV_INTERP = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+def _interp(name: str, table: dict[str, Any]) -> Any:
+    try:
+        return table[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {name!r}; expected one of {sorted(table)}") from None
+
+
+@dataclass
+class ViewSpec:
+    """Which crops a method needs and how each view is made from them.
+
+    ``num_crops=1`` makes all views share one crop and flip (ConMIM / MimCo); ``num_crops=2`` gives MoCo v3
+    its two independent crops. ``profiles[v]`` names the photometric profile of view ``v`` (see
+    :data:`cmim.data.augment.PROFILES`) and ``crop_of_view[v]`` the crop it starts from.
+    """
+
+    num_crops: int
+    profiles: list[str]
+    crop_of_view: list[int]
+    mask_generator: MaskGenerator | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_crops < 1:
+            raise ValueError(f"num_crops must be >= 1, got {self.num_crops}")
+        if len(self.profiles) != len(self.crop_of_view):
+            raise ValueError("profiles and crop_of_view must have one entry per view")
+        for c in self.crop_of_view:
+            if not 0 <= c < self.num_crops:
+                raise ValueError(f"crop index {c} out of range for num_crops={self.num_crops}")
+        for p in self.profiles:
+            if p not in PROFILES:
+                raise ValueError(f"unknown photometric profile {p!r}; expected one of {sorted(PROFILES)}")
+
+    @property
+    def num_views(self) -> int:
+        return len(self.profiles)
+
+
+def random_resized_crop_params(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    log_ratio: tuple[float, float],
+) -> tuple[int, int, int, int]:
+    """``RandomResizedCrop.get_params`` logic of torchvision (10 tries, centre fallback) on a numpy rng.
+
+    Returns ``(top, left, h, w)``.
+    """
+    area = height * width
+    for _ in range(10):
+        u = rng.random(4).tolist()  # one call per try: area, log-ratio, top, left
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1)), h, w
+    in_ratio = width / height
+    lo, hi = math.exp(min(log_ratio)), math.exp(max(log_ratio))
+    if in_ratio < lo:
+        w, h = width, int(round(width / lo))
+    elif in_ratio > hi:
+        h, w = height, int(round(height * hi))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _to_pil(img: ImageLike) -> Image.Image:
+    return img if isinstance(img, Image.Image) else Image.fromarray(img)
+
+
+def _channels(img: Image.Image) -> int:
+    return 1 if img.mode == "L" else 3
+
+
+class PretrainDataset(Dataset):
+    """Pre-training items: ``crops`` uint8 (num_crops, C, S, S), ``aug`` float32 (V, K), optional ``mask``
+    bool (gh*gw,), ``label`` and ``index`` int64.
+
+    Crop+resize is one PIL ``resize(box=...)`` call (antialiased, no intermediate crop); flips are numpy
+    views. The epoch lives in shared memory, so :meth:`set_epoch` also reaches persistent DataLoader
+    workers (call it before creating the epoch's iterator).
+    """
+
+    def __init__(
+        self,
+        base: BaseImageDataset,
+        spec: ViewSpec,
+        img_size: int,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        interpolation: str = "bicubic",
+        hflip_prob: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        self.base, self.spec = base, spec
+        self.img_size = int(img_size)
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.log_ratio = (math.log(float(crop_ratio[0])), math.log(float(crop_ratio[1])))
+        self.resample = _interp(interpolation, _PIL_INTERP)
+        self.hflip_prob = float(hflip_prob)
+        self.seed = int(seed)
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.item())
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        index = int(index)
+        rng = np.random.default_rng([self.seed, self._epoch.item(), index])
+        img, label = self.base[index]
+        pil = _to_pil(img)
+        width, height = pil.size
+        s, spec = self.img_size, self.spec
+        crops = np.empty((spec.num_crops, s, s, _channels(pil)), dtype=np.uint8)
+        for k in range(spec.num_crops):
+            top, left, h, w = random_resized_crop_params(rng, height, width, self.crop_scale, self.log_ratio)
+            flip = rng.random() < self.hflip_prob
+            out = np.asarray(pil.resize((s, s), self.resample, box=(left, top, left + w, top + h)))
+            crops[k] = (out[:, ::-1] if flip else out).reshape(s, s, -1)
+        aug = np.empty((spec.num_views, NUM_PARAMS), dtype=np.float32)
+        for v, profile in enumerate(spec.profiles):
+            aug[v] = sample_photometric_params(profile, rng)
+        item = {
+            "crops": torch.from_numpy(crops.transpose(0, 3, 1, 2).copy()),
+            "aug": torch.from_numpy(aug),
+            "label": torch.scalar_tensor(label, dtype=torch.int64),
+            "index": torch.scalar_tensor(index, dtype=torch.int64),
+        }
+        if spec.mask_generator is not None:
+            mask = np.asarray(spec.mask_generator(rng), dtype=bool)
+            item["mask"] = torch.from_numpy(mask.reshape(-1).copy())
+        return item
+
+
+class EvalDataset(Dataset):
+    """Deterministic eval items: shorter side → ``round(img_size / eval_crop_pct)``, centre crop ``img_size``.
+
+    Returns ``image`` uint8 (C, S, S), ``label`` and ``index`` int64. Images already at the target size
+    (e.g. Fashion-MNIST at 28 with crop_pct 1.0) skip resampling entirely.
+    """
+
+    def __init__(
+        self,
+        base: BaseImageDataset,
+        img_size: int,
+        eval_crop_pct: float = 1.0,
+        interpolation: str = "bicubic",
+    ) -> None:
+        if not eval_crop_pct > 0:
+            raise ValueError(f"eval_crop_pct must be > 0, got {eval_crop_pct}")
+        self.base = base
+        self.img_size = int(img_size)
+        self.resize_to = int(round(self.img_size / float(eval_crop_pct)))
+        self.interpolation = _interp(interpolation, _TV_INTERP)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        index = int(index)
+        img, label = self.base[index]
+        if isinstance(img, np.ndarray) and img.shape[0] == img.shape[1] == self.resize_to == self.img_size:
+            arr = img
+        else:
+            pil = _to_pil(img)
+            if min(pil.size) != self.resize_to:
+                pil = TF.resize(pil, self.resize_to, interpolation=self.interpolation, antialias=True)
+            if pil.size != (self.img_size, self.img_size):
+                pil = TF.center_crop(pil, [self.img_size, self.img_size])
+            arr = np.asarray(pil)
+        arr = arr.reshape(self.img_size, self.img_size, -1)
+        return {
+            "image": torch.from_numpy(arr.transpose(2, 0, 1).copy()),
+            "label": torch.tensor(label, dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+
+
+def build_pretrain_dataset(cfg: Any, split: str, spec: ViewSpec, seed: int) -> PretrainDataset:
+    """Base dataset of ``split`` wrapped with the pre-training crops/parameters described by ``cfg``."""
+    return PretrainDataset(
+        build_base_dataset(cfg, split),
+        spec,
+        img_size=int(cfg.img_size),
+        crop_scale=tuple(cfg.crop_scale),
+        crop_ratio=tuple(cfg.crop_ratio),
+        interpolation=str(cfg.interpolation),
+        hflip_prob=float(cfg.hflip_prob),
+        seed=seed,
+    )
+
+
+def build_eval_dataset(cfg: Any, split: str) -> EvalDataset:
+    """Base dataset of ``split`` with the deterministic eval resize + centre crop."""
+    crop_pct = getattr(cfg, "eval_crop_pct", None)
+    return EvalDataset(
+        build_base_dataset(cfg, split),
+        img_size=int(cfg.img_size),
+        eval_crop_pct=1.0 if crop_pct is None else float(crop_pct),
+        interpolation=str(getattr(cfg, "interpolation", "bicubic")),
+    )

@@ -1,0 +1,261 @@
+"""The method-agnostic pre-training loop.
+
+It builds the method named in the config, the data pipeline the method asks for (``method.view_spec()``),
+AdamW with per-iteration cosine schedule, bf16 autocast, gradient accumulation and clipping, DDP under
+torchrun, logging, an online k-NN monitor and atomic, exactly-resumable checkpoints. Nothing in it knows
+about a particular method: the method returns ``{"loss": ...}`` and updates its teachers in ``after_step``.
+
+Hot-loop rule: no ``.item()`` or other host syncs except on logging steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cmim.config import to_yaml
+from cmim.data.views import build_eval_dataset, build_pretrain_dataset
+from cmim.engine.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from cmim.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from cmim.engine.logger import MetricsLogger
+from cmim.engine.sampler import GlobalBatchSampler
+from cmim.engine.schedules import cosine_schedule
+from cmim.eval.knn import online_knn
+from cmim.methods import Method, build_method
+
+log = logging.getLogger("cmim")
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def peak_lr(cfg: DictConfig) -> float:
+    return cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * cfg.train.batch_size / 256
+
+
+def build_optimizer(method: Method, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = method.param_groups(o.weight_decay)
+    fused = bool(o.fused) and device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def encoder_meta(method: Method) -> dict[str, Any]:
+    enc = method.encoder("teacher")
+    return {"timm_name": enc.timm_name, "timm_kwargs": enc.timm_kwargs, "family": enc.family}
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, dist_info: DistInfo | None = None) -> None:
+        self.cfg = cfg
+        self.dist = dist_info or init_distributed(cfg.train.device)
+        self.device = self.dist.device
+        t = cfg.train
+        self.out_dir = Path(t.out_dir)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        torch.manual_seed(t.seed)  # identical initial weights on every process
+        self.method = build_method(cfg).to(self.device)
+        spec = self.method.view_spec()
+        self.train_set = build_pretrain_dataset(cfg.data, cfg.data.train_split, spec, t.seed)
+        self.sampler = GlobalBatchSampler(len(self.train_set), t.batch_size, world_size=self.dist.world_size,
+                                          rank=self.dist.rank, accum_steps=t.accum_steps, seed=t.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = t.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        if self.dist.enabled and t.sync_bn:
+            self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        self.optimizer = build_optimizer(self.method, cfg, self.device)
+        self.model: torch.nn.Module = self.method
+        if self.dist.enabled:
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            self.model = DDP(self.method, device_ids=ids)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.knn_history: list[dict[str, Any]] = []
+        self.logger = MetricsLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=t.tensorboard)
+        self._monitor_sets: tuple[Any, Any] | None = None
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    def save_checkpoint(self) -> None:
+        if not self.dist.is_main:
+            return
+        state = {
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "total_steps": self.total_steps, "world_size": self.dist.world_size,
+            "rng": rng_state(), "config": to_yaml(self.cfg), "method": self.cfg.method,
+            "encoder": encoder_meta(self.method), "knn_history": self.knn_history,
+        }
+        atomic_torch_save(state, self.checkpoint_path())
+
+    def maybe_resume(self) -> bool:
+        r = self.cfg.train.resume
+        path = self.checkpoint_path() if r == "auto" else (Path(r) if r else None)
+        if path is None or not path.is_file():
+            return False
+        ckpt = load_checkpoint(path)
+        if ckpt.get("method") != self.cfg.method:
+            raise CheckpointError(f"{path} was written by method {ckpt.get('method')!r}, not {self.cfg.method!r}")
+        try:
+            self.method.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise CheckpointError(f"{path} does not fit this model configuration: {first}") from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("total_steps") != self.total_steps:
+            raise CheckpointError(f"{path} was made for a {ckpt.get('total_steps')}-step run, this one has "
+                                  f"{self.total_steps} (epochs, batch size or dataset changed)")
+        self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
+        self.knn_history = list(ckpt.get("knn_history", []))
+        set_rng_state(ckpt["rng"])
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
+                     self.step_in_epoch)
+        return True
+
+    # --- monitor ----------------------------------------------------------------------------------------
+    def run_monitor(self) -> None:
+        cfg = self.cfg
+        if self.dist.is_main:
+            if self._monitor_sets is None:
+                self._monitor_sets = (build_eval_dataset(cfg.data, cfg.data.train_split),
+                                      build_eval_dataset(cfg.data, cfg.data.eval_split))
+            encoder = self.method.encoder(cfg.monitor.encoder)
+            t0 = time.perf_counter()
+            res = online_knn(encoder, *self._monitor_sets, cfg, self.device)
+            if res:
+                rec = {"epoch": self.epoch, "step": self.step, "knn_top1": res["top1"], "knn_top5": res["top5"],
+                       "encoder": cfg.monitor.encoder, "feature": cfg.monitor.feature, "k": cfg.monitor.k,
+                       "seconds": time.perf_counter() - t0}
+                self.knn_history.append(rec)
+                self.logger.log(self.step, {k: v for k, v in rec.items() if k != "step"}, kind="knn")
+                tqdm.write(f"[k-NN] epoch {self.epoch} step {self.step}: top-1 {res['top1']:.2f}% "
+                           f"({cfg.monitor.encoder}, {cfg.monitor.feature} features, k={cfg.monitor.k})")
+        barrier()
+
+    # --- training ---------------------------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        nw = self.cfg.data.num_workers
+        return DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=nw,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if nw > 0 else None,
+                          generator=torch.Generator())  # keeps the global RNG untouched (exact resume)
+
+    def train(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        resumed = self.maybe_resume()
+        mon = cfg.monitor
+        if not resumed and mon.every_epochs > 0 and mon.at_start and self.step == 0:
+            self.run_monitor()
+        base_lr = peak_lr(cfg)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+        stop = False
+        images_per_step = t.batch_size
+        train_seconds = 0.0
+        start_step = self.step
+        self.model.train()
+        while self.epoch < t.epochs and not stop:
+            self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+            self.train_set.set_epoch(self.epoch)
+            it = iter(self._loader())
+            bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
+                       disable=not (self.dist.is_main and t.progress), dynamic_ncols=True, leave=False)
+            loss_sum = torch.zeros((), device=self.device)
+            n_in_window, t_window = 0, time.perf_counter()
+            while self.step_in_epoch < self.steps_per_epoch:
+                lr = cosine_schedule(self.step, self.total_steps, base_lr, cfg.optim.min_lr, self.warmup_steps)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                for a in range(t.accum_steps):
+                    batch = to_device(next(it), self.device)
+                    last = a == t.accum_steps - 1
+                    sync = self.model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
+                    with sync:
+                        with autocast:
+                            out = self.forward(batch)
+                        (out["loss"] / t.accum_steps).backward()
+                    loss_sum += out["loss"].detach() / t.accum_steps
+                grad_norm = None
+                if cfg.optim.clip_grad is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad, foreach=True)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.step_in_epoch += 1
+                extra = self.method.after_step(self.step, self.total_steps)
+                n_in_window += 1
+                bar.update(1)
+                end_of_epoch = self.step_in_epoch == self.steps_per_epoch
+                stop = t.max_steps is not None and self.step >= t.max_steps
+                if self.step % t.log_every_steps == 0 or end_of_epoch or stop:
+                    loss = loss_sum.item() / n_in_window  # the one host sync, on logging steps only
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss} at step {self.step}; stopping (last good "
+                                                 f"checkpoint: {self.checkpoint_path()})")
+                    dt = time.perf_counter() - t_window
+                    train_seconds += dt
+                    rec = {"epoch": self.epoch, "loss": loss, "lr": lr,
+                           "img_per_s": n_in_window * images_per_step / dt, **extra}
+                    if grad_norm is not None:
+                        rec["grad_norm"] = float(grad_norm)
+                    self.logger.log(self.step, rec)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.0f}")
+                    loss_sum.zero_()
+                    n_in_window, t_window = 0, time.perf_counter()
+                if end_of_epoch:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                if t.ckpt_every_steps and self.step % t.ckpt_every_steps == 0 or end_of_epoch or stop:
+                    self.save_checkpoint()
+                if stop or end_of_epoch:
+                    break
+            bar.close()
+            del it
+            if mon.every_epochs > 0 and self.step_in_epoch == 0 and (
+                    self.epoch % mon.every_epochs == 0 or self.epoch == t.epochs):
+                self.run_monitor()
+                self.save_checkpoint()  # keep the k-NN history with the weights
+        steps_done = self.step - start_step
+        summary = {
+            "method": cfg.method, "steps": self.step, "epochs_done": self.epoch, "total_steps": self.total_steps,
+            "train_seconds": train_seconds,
+            "img_per_s": steps_done * images_per_step / train_seconds if train_seconds > 0 else None,
+            "knn": self.knn_history, "checkpoint": str(self.checkpoint_path()),
+        }
+        if self.dist.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.logger.close()
+        barrier()
+        return summary
+
+
+def pretrain(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume) a pre-training job; returns a summary dict (also written to out_dir/summary.json)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        cleanup()

@@ -1,0 +1,82 @@
+"""k-NN classification on frozen features (the DINO protocol): cosine similarity, k nearest training
+samples, votes weighted by exp(sim / T)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from cmim.data.augment import normalize
+from cmim.models import MaskedEncoder
+
+
+@torch.no_grad()
+def extract_features(encoder: MaskedEncoder, dataset: Dataset, *, feature: str = "mean", mean=(0.5,), std=(0.5,),
+                     device: torch.device | str = "cpu", batch_size: int = 256, num_workers: int = 0,
+                     precision: str = "bf16") -> tuple[Tensor, Tensor]:
+    """Pooled features (float32, CPU) and labels of every sample of an :class:`EvalDataset`."""
+    device = torch.device(device)
+    was_training = encoder.training
+    encoder.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    feats, labels = [], []
+    for batch in loader:
+        x = normalize(batch["image"].to(device, non_blocking=True), mean, std)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            tokens = encoder(x)
+        feats.append(MaskedEncoder.pool(tokens, feature).float().cpu())
+        labels.append(batch["label"])
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_scores(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, *, k: int = 20,
+               temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> Tensor:
+    """Class scores (M, C): each test sample's k nearest training samples vote with weight exp(sim/T)."""
+    num_classes = num_classes or int(train_labels.max()) + 1
+    train_feats = F.normalize(train_feats.float(), dim=1)
+    test_feats = F.normalize(test_feats.float(), dim=1)
+    k = min(k, train_feats.shape[0])
+    out = []
+    for start in range(0, test_feats.shape[0], chunk):
+        sim = test_feats[start:start + chunk] @ train_feats.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = F.one_hot(train_labels[top_idx], num_classes).float() * (top_sim / temperature).exp().unsqueeze(-1)
+        out.append(votes.sum(dim=1))
+    return torch.cat(out)
+
+
+def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor, *,
+                 k: int = 20, temperature: float = 0.07, num_classes: int | None = None) -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent."""
+    scores = knn_scores(train_feats, train_labels, test_feats, k=k, temperature=temperature,
+                        num_classes=num_classes)
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    hit = top == test_labels.unsqueeze(1)
+    return {"top1": 100.0 * hit[:, 0].float().mean().item(), "top5": 100.0 * hit.any(dim=1).float().mean().item()}
+
+
+def first_n(dataset: Dataset, n: int | None) -> Dataset:
+    """A deterministic subset of a dataset: evenly spaced samples (keeps the class mix of sorted folders)."""
+    if n is None or n >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    step = len(dataset) / n  # type: ignore[arg-type]
+    return Subset(dataset, [int(i * step) for i in range(n)])
+
+
+def online_knn(encoder: MaskedEncoder, train_set: Dataset, test_set: Dataset, cfg: Any,
+               device: torch.device) -> dict[str, float]:
+    """The training monitor: k-NN top-1 of ``encoder`` on labeled subsets, with the monitor config."""
+    mon, d = cfg.monitor, cfg.data
+    kw = dict(feature=mon.feature, mean=d.mean, std=d.std, device=device, batch_size=mon.batch_size,
+              precision=cfg.train.precision)
+    trf, trl = extract_features(encoder, first_n(train_set, mon.train_subset), **kw)
+    tef, tel = extract_features(encoder, first_n(test_set, mon.test_subset), **kw)
+    if (trl < 0).all():
+        return {}
+    return knn_accuracy(trf, trl, tef, tel, k=mon.k, temperature=mon.temperature)

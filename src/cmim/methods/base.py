@@ -1,0 +1,124 @@
+"""What every method shares: the contract with the engine, and EMA teachers for momentum methods.
+
+A method is an ``nn.Module`` with
+- ``view_spec()``: which crops, photometric profiles and masks its batches need (the data pipeline builds them);
+- ``forward(batch) -> dict`` with a scalar ``"loss"`` (other entries are logged);
+- ``after_step(step, total_steps) -> dict``: called after every optimizer step (EMA updates live here);
+- ``encoder(which)``: the :class:`~cmim.models.MaskedEncoder` used downstream ("teacher" or "student").
+The engine knows nothing else about it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cmim.data.augment import ViewMaker
+from cmim.data.views import ViewSpec
+from cmim.engine.schedules import cosine_schedule
+from cmim.masking import build_mask_generator
+from cmim.models import MaskedEncoder, build_encoder
+
+
+class Method(nn.Module):
+    """Base class: holds the config, the student encoder and the on-device view maker."""
+
+    name = "method"
+    #: parameter-name fragments excluded from weight decay (besides every 1-D parameter)
+    no_weight_decay_keys: tuple[str, ...] = ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table")
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student = build_encoder(cfg.model, cfg.data.img_size, cfg.data.in_chans)
+        self.grid_size = self.student.grid_size
+        self._view_maker: ViewMaker | None = None
+
+    # --- data -------------------------------------------------------------------------------------------
+    def view_spec(self) -> ViewSpec:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def mask_generator(self):
+        m = self.cfg.mask
+        return build_mask_generator(m.kind, self.grid_size, ratio=m.ratio, cell=m.cell,
+                                    min_num_patches=m.min_num_patches, min_aspect=m.min_aspect)
+
+    def make_views(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """Decode the uint8 crops of a batch into the normalized, augmented views (on the batch's device)."""
+        if self._view_maker is None:
+            d = self.cfg.data
+            self._view_maker = ViewMaker(self.view_spec(), d.mean, d.std, d.in_chans)
+        return self._view_maker(batch["crops"], batch["aug"])
+
+    # --- training hooks ---------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> dict[str, float]:
+        return {}
+
+    def encoder(self, which: str = "teacher") -> MaskedEncoder:
+        return self.student
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Trainable parameters in two groups: with and without weight decay.
+
+        No decay on 1-D parameters (norms, biases, layer-scale gammas, BatchNorm) and on position / CLS / mask
+        tokens and relative position tables. (BEiT/ConMIM reference: 1-D params, biases, pos_embed and
+        cls_token; we also exempt the mask token and relative position tables, as timm and MAE do.)
+        """
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim <= 1 or any(k in name for k in self.no_weight_decay_keys):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+
+class MomentumMethod(Method):
+    """A method with EMA teachers: ``self.ema_pairs`` lists (student_module, teacher_module) pairs.
+
+    After each optimizer step every teacher *parameter* (not buffer) becomes m*t + (1-m)*s, with m on a
+    per-iteration cosine from ``momentum`` to ``momentum_final``; a single foreach kernel does all of them.
+    """
+
+    def __init__(self, cfg: Any, momentum: float, momentum_final: float) -> None:
+        super().__init__(cfg)
+        self.momentum = momentum
+        self.momentum_final = momentum_final
+        self.ema_pairs: list[tuple[nn.Module, nn.Module]] = []
+
+    @staticmethod
+    def make_teacher(module: nn.Module) -> nn.Module:
+        teacher = copy.deepcopy(module)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        return cosine_schedule(step, total_steps, self.momentum, self.momentum_final)
+
+    @torch.no_grad()
+    def ema_update(self, momentum: float) -> None:
+        s_params: list[Tensor] = []
+        t_params: list[Tensor] = []
+        for s_mod, t_mod in self.ema_pairs:
+            s_params += [p.detach() for p in s_mod.parameters()]
+            t_params += list(t_mod.parameters())
+        if momentum == 0.0:
+            torch._foreach_copy_(t_params, s_params)
+        else:
+            torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+
+    def after_step(self, step: int, total_steps: int) -> dict[str, float]:
+        # `step` is the number of optimizer steps done; the update after step s uses m(s-1).
+        m = self.momentum_at(step - 1, total_steps)
+        self.ema_update(m)
+        return {"momentum": m}

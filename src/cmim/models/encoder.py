@@ -1,0 +1,125 @@
+"""timm ViT / BEiT backbones with a masked forward.
+
+The backbone is an unmodified timm model, so its ``state_dict`` has plain timm keys and can be exported and
+fine-tuned with timm. The only addition for masked image modeling, the learnable mask token, lives in the
+wrapper: masked patch embeddings are replaced by it *before* position information and the CLS token are
+added (as in BEiT/ConMIM/SimMIM), and an all-False mask reproduces timm's own ``forward_features`` exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from timm.layers import trunc_normal_
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from torch import Tensor, nn
+
+# (embed_dim, depth, num_heads): the standard ViT presets.
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
+
+def timm_spec(model_cfg: Any, img_size: int, in_chans: int) -> tuple[str, dict[str, Any]]:
+    """The timm model name and keyword arguments that rebuild this backbone (export relies on them)."""
+    dim, depth, heads = PRESETS[model_cfg.size]
+    dim = model_cfg.embed_dim or dim
+    depth = model_cfg.depth or depth
+    heads = model_cfg.num_heads or heads
+    common: dict[str, Any] = dict(
+        img_size=img_size, patch_size=model_cfg.patch_size, in_chans=in_chans, num_classes=0,
+        embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=model_cfg.mlp_ratio,
+        qkv_bias=model_cfg.qkv_bias, global_pool=model_cfg.global_pool,
+    )
+    if model_cfg.family == "vit":
+        size = model_cfg.size
+        # fc_norm=False keeps timm's per-token final `norm` for both poolings, so "avg" pools normalized tokens.
+        kwargs = dict(common, init_values=model_cfg.layer_scale_init, fc_norm=False)
+        return f"vit_{size}_patch16_224", kwargs
+    large = model_cfg.size == "large"
+    kwargs = dict(
+        common, init_values=model_cfg.layer_scale_init, use_fc_norm=False,
+        use_abs_pos_emb=not model_cfg.shared_rel_pos_bias, use_rel_pos_bias=False,
+        use_shared_rel_pos_bias=model_cfg.shared_rel_pos_bias,
+    )
+    return ("beit_large_patch16_224" if large else "beit_base_patch16_224"), kwargs
+
+
+class MaskedEncoder(nn.Module):
+    """A timm ViT or Beit (``self.backbone``) plus the mask token used by masked image modeling.
+
+    ``forward(images, mask)`` returns all tokens after the final norm, shape (B, 1 + N, D), CLS first.
+    """
+
+    def __init__(self, timm_name: str, timm_kwargs: dict[str, Any], drop_path: float = 0.0,
+                 sincos_pos_embed: bool = False, frozen_patch_embed: bool = False) -> None:
+        super().__init__()
+        self.timm_name = timm_name
+        self.timm_kwargs = dict(timm_kwargs)
+        self.backbone = timm.create_model(timm_name, pretrained=False, drop_path_rate=drop_path, **timm_kwargs)
+        self.family = "beit" if hasattr(self.backbone, "rel_pos_bias") else "vit"
+        self.embed_dim: int = self.backbone.embed_dim
+        self.grid_size: tuple[int, int] = tuple(self.backbone.patch_embed.grid_size)
+        self.patch_size: int = self.backbone.patch_embed.patch_size[0]
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        trunc_normal_(self.mask_token, std=0.02)
+        if sincos_pos_embed:
+            self._set_sincos_pos_embed()
+        if frozen_patch_embed:
+            for p in self.backbone.patch_embed.parameters():
+                p.requires_grad_(False)
+
+    def _set_sincos_pos_embed(self) -> None:
+        """Fixed 2-D sin-cos position embedding (MoCo v3); the CLS position gets zeros."""
+        pos = getattr(self.backbone, "pos_embed", None)
+        if pos is None:
+            raise ValueError("a sin-cos position embedding needs a backbone with an absolute position embedding")
+        table = build_sincos2d_pos_embed(list(self.grid_size), dim=self.embed_dim, temperature=10000.0)
+        with torch.no_grad():
+            pos.zero_()
+            pos[0, -self.num_patches:] = table.to(pos.dtype)
+        pos.requires_grad_(False)
+
+    def _embed(self, images: Tensor, mask: Tensor | None) -> Tensor:
+        x = self.backbone.patch_embed(images)  # (B, N, D)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        return x
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
+        bb = self.backbone
+        x = self._embed(images, mask)
+        if self.family == "vit":
+            x = bb._pos_embed(x)
+            x = bb.patch_drop(x)
+            x = bb.norm_pre(x)
+            x = bb.blocks(x)
+            return bb.norm(x)
+        x = torch.cat((bb.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if bb.pos_embed is not None:
+            x = x + bb.pos_embed
+        x = bb.pos_drop(x)
+        rel_pos_bias = bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
+        for blk in bb.blocks:
+            x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        return bb.norm(x)
+
+    @staticmethod
+    def pool(tokens: Tensor, feature: str = "mean") -> Tensor:
+        """Image feature from tokens: "mean" of patch tokens (what timm's global_pool="avg" gives) or "cls"."""
+        return tokens[:, 1:].mean(dim=1) if feature == "mean" else tokens[:, 0]
+
+
+def build_encoder(model_cfg: Any, img_size: int, in_chans: int) -> MaskedEncoder:
+    if model_cfg.pos_embed == "sincos" and model_cfg.family != "vit":
+        raise ValueError("model.pos_embed=sincos is available for the vit family only")
+    name, kwargs = timm_spec(model_cfg, img_size, in_chans)
+    return MaskedEncoder(name, kwargs, drop_path=model_cfg.drop_path,
+                         sincos_pos_embed=model_cfg.pos_embed == "sincos",
+                         frozen_patch_embed=model_cfg.frozen_patch_embed)

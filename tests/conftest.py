@@ -1,0 +1,41 @@
+"""Shared test fixtures: tiny configs on synthetic data, so nothing is downloaded and runs stay fast."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+FMNIST_ROOT = os.environ.get("FASHION_MNIST_ROOT", "/usr/share/datasets/fashion-mnist")
+
+# A tiny ViT on 16x16 synthetic images with 4x4 patches (16 tokens): a ConMIM step takes milliseconds.
+TINY = [
+    "data.name=synthetic", "data.img_size=16", "data.in_chans=3", "data.synthetic_size=64",
+    "data.synthetic_classes=4", "data.num_workers=0", "data.crop_scale=[0.5,1.0]",
+    "model.size=tiny", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4",
+    "mask.kind=random", "mask.ratio=0.5",
+    "conmim.proj_hidden_dim=64", "conmim.proj_out_dim=32",
+    "mocov3.proj_hidden_dim=64", "mocov3.proj_out_dim=32", "mocov3.pred_hidden_dim=64",
+    "mimco.proj_hidden_dim=64",
+    "optim.warmup_epochs=1", "optim.lr=1e-3",
+    "train.epochs=2", "train.batch_size=16", "train.log_every_steps=2", "train.progress=false",
+    "train.tensorboard=false", "train.precision=fp32",
+    "monitor.every_epochs=1", "monitor.train_subset=48", "monitor.test_subset=32", "monitor.k=5",
+]
+
+
+def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return [*TINY, f"train.out_dir={tmp_path / 'run'}", *extra]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    from cmim.config import load_config
+
+    def make(*extra: str):
+        return load_config(None, tiny_overrides(tmp_path, *extra))
+
+    return make
