@@ -15,6 +15,7 @@ FMNIST_ROOT = os.environ.get("FASHION_MNIST_ROOT", "/usr/share/datasets/fashion-
 TINY = [
     "data.name=synthetic", "data.img_size=16", "data.in_chans=3", "data.synthetic_size=64",
     "data.synthetic_classes=4", "data.num_workers=0", "data.crop_scale=[0.5,1.0]",
+    "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]",
     "model.size=tiny", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4",
     "mask.kind=random", "mask.ratio=0.5",
     "conmim.proj_hidden_dim=64", "conmim.proj_out_dim=32",

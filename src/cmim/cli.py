@@ -26,6 +26,14 @@ def register(name: str, module: str) -> None:
     COMMAND_MODULES[name] = module
 
 
+register("eval", "cmim.eval.cli")
+register("export", "cmim.export")
+register("viz", "cmim.viz.cli")
+register("report", "cmim.report")
+register("bench", "cmim.bench")
+register("pipeline", "cmim.pipeline")
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from cmim.engine.trainer import pretrain
@@ -51,7 +59,8 @@ def print_pretrain_summary(summary: dict) -> None:
             print(f"k-NN top-1: {last['knn_top1']:.2f}% at epoch {last['epoch']}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen sub-command's module is imported (all of them for --help)."""
     parser = argparse.ArgumentParser(prog="cmim", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,13 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_pretrain)
     for name, module in COMMAND_MODULES.items():
-        mod = importlib.import_module(module)
-        mod.add_parser(sub)
+        if command is None or command == name:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name)  # placeholder: not chosen, so its options are never parsed
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(chosen if chosen in COMMAND_MODULES or chosen == "pretrain" else None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     func: Callable[[argparse.Namespace], int] = args.func

@@ -137,6 +137,8 @@ class MoCoV3Config:
     pred_hidden_dim: int = 4096
     momentum: float = 0.99
     momentum_final: float = 1.0
+    # photometric profiles of the two crops (reference: BYOL's asymmetric pair); other pairs for tiny images
+    views: list[str] = field(default_factory=lambda: ["byol1", "byol2"])
 
 
 @dataclass
@@ -147,11 +149,13 @@ class MimCoConfig:
     teacher_timm_kwargs: dict[str, Any] = field(default_factory=dict)
     teacher_encoder: str = "teacher"  # for cmim checkpoints: teacher (EMA) | student
     target: str = "projector"  # teacher features used as targets: "projector" outputs | "backbone" tokens
+    patch_target: str | None = None  # override of `target` for the patch loss only; None = same as target
     patch_temperature: float = 0.1
     image_temperature: float = 0.2
     image_weight: float = 1.0  # lambda in L = L_patch + lambda * L_image
     patch_negatives: str = "image"  # "image": other patches of the same image | "batch": all patches
     proj_hidden_dim: int = 4096
+    head_layers: int = 3  # student patch / image heads: MLPHead(D, proj_hidden_dim, teacher width, head_layers)
     teacher_view: str = "none"
 
 
@@ -302,6 +306,14 @@ def validate(cfg: DictConfig) -> None:
     mc = cfg.mimco
     _require(mc.teacher_view in profiles, f"mimco.teacher_view: must be one of {profiles}")
     _require(mc.target in ("projector", "backbone"), "mimco.target: must be projector or backbone")
+    _require(mc.patch_target in (None, "projector", "backbone"),
+             "mimco.patch_target: must be projector, backbone or null")
+    _require(mc.head_layers >= 1, "mimco.head_layers: must be >= 1")
+    _require(mc.teacher_encoder in ("teacher", "student"), "mimco.teacher_encoder: must be teacher or student")
+    _require(len(cfg.mocov3.views) == 2 and all(v in profiles for v in cfg.mocov3.views),
+             f"mocov3.views: need two profiles from {profiles}")
+    _require(cfg.mocov3.proj_hidden_dim > 0 and cfg.mocov3.proj_out_dim > 0 and cfg.mocov3.pred_hidden_dim > 0,
+             "mocov3 head sizes must be positive")
     _require(mc.patch_negatives in ("image", "batch"), "mimco.patch_negatives: must be image or batch")
     _require(mc.teacher_format in ("auto", "cmim", "mocov3", "timm"), "mimco.teacher_format: unknown format")
     _require(mc.patch_temperature > 0 and mc.image_temperature > 0, "mimco temperatures must be positive")

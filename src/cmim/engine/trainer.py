@@ -27,12 +27,13 @@ from tqdm import tqdm
 from cmim.config import to_yaml
 from cmim.data.views import build_eval_dataset, build_pretrain_dataset
 from cmim.engine.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, rng_state, set_rng_state
-from cmim.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from cmim.engine.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from cmim.engine.logger import MetricsLogger
 from cmim.engine.sampler import GlobalBatchSampler
 from cmim.engine.schedules import cosine_schedule
 from cmim.eval.knn import online_knn
 from cmim.methods import Method, build_method
+from cmim.models.sync_bn import convert_global_batchnorm
 
 log = logging.getLogger("cmim")
 
@@ -79,7 +80,7 @@ class Trainer:
         self.total_steps = t.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         if self.dist.enabled and t.sync_bn:
-            self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+            self.method = convert_global_batchnorm(self.method, self.device.type)
         self.optimizer = build_optimizer(self.method, cfg, self.device)
         self.model: torch.nn.Module = self.method
         if self.dist.enabled:
@@ -211,7 +212,8 @@ class Trainer:
                 end_of_epoch = self.step_in_epoch == self.steps_per_epoch
                 stop = t.max_steps is not None and self.step >= t.max_steps
                 if self.step % t.log_every_steps == 0 or end_of_epoch or stop:
-                    loss = loss_sum.item() / n_in_window  # the one host sync, on logging steps only
+                    # the one host sync, on logging steps only; the mean over all processes
+                    loss = all_reduce_mean(loss_sum).item() / n_in_window
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"loss is {loss} at step {self.step}; stopping (last good "
                                                  f"checkpoint: {self.checkpoint_path()})")
