@@ -77,7 +77,6 @@ def test_resume_after_kill(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     step_at_kill = torch.load(ckpt, weights_only=False)["step"]
-    assert not list(out.glob(".checkpoint.pt.*.tmp")) or True  # a torn temp file may remain; never the target
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     _assert_same(_weights(straight), _weights(out))
@@ -106,7 +105,8 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (single, out)]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
     # the runs really trained: the student moved away from the (EMA-lagging) teacher
-    assert (a["student.backbone.blocks.0.attn.qkv.weight"] - a["teacher.backbone.blocks.0.attn.qkv.weight"]).abs().max() > 1e-4
+    qkv = "backbone.blocks.0.attn.qkv.weight"
+    assert (a[f"student.{qkv}"] - a[f"teacher.{qkv}"]).abs().max() > 1e-4
 
 
 def test_global_batch_sampler_shards_the_same_global_batch():

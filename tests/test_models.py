@@ -47,8 +47,8 @@ def test_backbone_state_dict_is_plain_timm():
     enc = build_encoder(_cfg("beit", **{"model.layer_scale_init": 0.1}).model, 28, 1)
     assert "mask_token" not in enc.backbone.state_dict()
     plain = timm.create_model(enc.timm_name, pretrained=False, **enc.timm_kwargs)
-    missing, unexpected = plain.load_state_dict(enc.backbone.state_dict(), strict=True), None
-    assert not missing.missing_keys and not missing.unexpected_keys
+    result = plain.load_state_dict(enc.backbone.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
     x = torch.randn(2, 1, 28, 28)
     plain.eval(), enc.eval()
     assert torch.equal(plain.forward_features(x), enc(x))

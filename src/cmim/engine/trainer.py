@@ -185,6 +185,7 @@ class Trainer:
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
                        disable=not (self.dist.is_main and t.progress), dynamic_ncols=True, leave=False)
             loss_sum = torch.zeros((), device=self.device)
+            extra_sums: dict[str, torch.Tensor] = {}
             n_in_window, t_window = 0, time.perf_counter()
             while self.step_in_epoch < self.steps_per_epoch:
                 lr = cosine_schedule(self.step, self.total_steps, base_lr, cfg.optim.min_lr, self.warmup_steps)
@@ -199,6 +200,9 @@ class Trainer:
                             out = self.forward(batch)
                         (out["loss"] / t.accum_steps).backward()
                     loss_sum += out["loss"].detach() / t.accum_steps
+                    for k, v in out.items():  # other scalars the method reports (e.g. loss_patch)
+                        if k != "loss" and torch.is_tensor(v) and v.ndim == 0:
+                            extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().float() / t.accum_steps
                 grad_norm = None
                 if cfg.optim.clip_grad is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad, foreach=True)
@@ -221,6 +225,9 @@ class Trainer:
                     train_seconds += dt
                     rec = {"epoch": self.epoch, "loss": loss, "lr": lr,
                            "img_per_s": n_in_window * images_per_step / dt, **extra}
+                    for k in sorted(extra_sums):
+                        rec[k] = all_reduce_mean(extra_sums[k]).item() / n_in_window
+                    extra_sums = {}
                     if grad_norm is not None:
                         rec["grad_norm"] = float(grad_norm)
                     self.logger.log(self.step, rec)

@@ -53,7 +53,9 @@ def _convert(module: nn.Module) -> nn.Module:
         for p_new, p_old in zip(out.parameters(), module.parameters()):
             p_new.requires_grad_(p_old.requires_grad)
         out.train(module.training)
-        out.to(next(iter(module.state_dict().values())).device if module.state_dict() else "cpu")
+        ref = module.running_mean if module.running_mean is not None else module.weight
+        if ref is not None:
+            out.to(device=ref.device, dtype=ref.dtype)
     for name, child in module.named_children():
         out.add_module(name, _convert(child))
     return out

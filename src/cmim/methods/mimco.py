@@ -1,0 +1,108 @@
+"""MimCo: masked image modeling pre-training with a contrastive teacher (Zhou et al., ACM MM 2022), stage 2.
+
+A frozen, contrastively pre-trained teacher (e.g. MoCo v3, see :mod:`cmim.models.teachers`) encodes the full
+view; the student (a masked ViT) sees the masked view of the same crop and is trained with two contrastive
+reconstruction losses:
+
+- patch level: each masked student token, through the student's patch head, must pick out the teacher's
+  patch feature at the same position; negatives are the other patches of the same image
+  (``mimco.patch_negatives=image``) or of the whole local batch (``batch``);
+- image level: the student's CLS token, through the student's image head, must pick out the teacher's image
+  feature of the same image among those of the global batch (gathered from all processes).
+
+``L = L_patch + mimco.image_weight * L_image``. The paper's full text was not available to us: temperatures,
+the loss weight, the head sizes and the teacher features used as targets (``mimco.target``: ``projector``
+outputs or ``backbone`` tokens; ``mimco.patch_target`` can override it for the patch loss) are config values.
+With ``target=projector`` the teacher's projector, trained on CLS tokens, is applied in eval mode to every
+token. The heads end in a width equal to the chosen teacher target, so any teacher width fits the student.
+
+The teacher is frozen and always in eval mode; it is kept in the state dict (under ``contrastive_teacher.``)
+so that a checkpoint is self-contained, but it is never trained or EMA-updated. MimCo has no EMA: the
+trained model, and so the downstream encoder, is the student; ``encoder("teacher")`` and
+``encoder("student")`` both return it, ``encoder("contrastive_teacher")`` returns the frozen teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cmim.data.views import ViewSpec
+from cmim.engine.distributed import concat_all_gather, get_rank
+from cmim.losses import info_nce, patch_contrastive_loss
+from cmim.methods.base import Method
+from cmim.models import MaskedEncoder, MLPHead
+from cmim.models.teachers import FrozenTeacher, TeacherError, check_fits, load_teacher
+
+
+class MimCo(Method):
+    name = "mimco"
+
+    def __init__(self, cfg: Any, teacher: FrozenTeacher | None = None) -> None:
+        super().__init__(cfg)
+        c = cfg.mimco
+        if teacher is None:
+            if c.teacher is None:
+                raise TeacherError("mimco.teacher: a teacher checkpoint is required for method=mimco")
+            teacher = load_teacher(c.teacher, c.teacher_format, c.teacher_encoder, c.teacher_timm_name,
+                                   dict(c.teacher_timm_kwargs or {}))
+        check_fits(teacher, self.student, cfg.data.in_chans)
+        self.patch_target = c.patch_target or c.target
+        self.image_target = c.target
+        if "projector" in (self.patch_target, self.image_target) and teacher.projector is None:
+            raise TeacherError(f"mimco.target=projector needs a teacher with a projector, and "
+                               f"{teacher.source} has none: use a MoCo v3/ConMIM checkpoint or set "
+                               "mimco.target=backbone")
+        self.contrastive_teacher = teacher
+        dim = self.student.embed_dim
+        self.patch_head = MLPHead(dim, c.proj_hidden_dim, self._target_dim(self.patch_target), c.head_layers)
+        self.image_head = MLPHead(dim, c.proj_hidden_dim, self._target_dim(self.image_target), c.head_layers)
+        self.patch_temperature = float(c.patch_temperature)
+        self.image_temperature = float(c.image_temperature)
+        self.image_weight = float(c.image_weight)
+        self.patch_negatives = str(c.patch_negatives)
+
+    def _target_dim(self, target: str) -> int:
+        t = self.contrastive_teacher
+        return t.projector_dim if target == "projector" else t.embed_dim  # type: ignore[return-value]
+
+    def view_spec(self) -> ViewSpec:
+        # one crop (and flip) for both views, so teacher patch j and student patch j cover the same pixels
+        return ViewSpec(num_crops=1, profiles=["none", self.cfg.mimco.teacher_view], crop_of_view=[0, 0],
+                        mask_generator=self.mask_generator())
+
+    @torch.no_grad()
+    def teacher_targets(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher patch targets (B, N, D_p) and image targets (B, D_i) of the full view."""
+        tokens = self.contrastive_teacher(images)
+        projected = self.contrastive_teacher.project(tokens) if "projector" in (
+            self.patch_target, self.image_target) else None
+        patch = projected if self.patch_target == "projector" else tokens
+        image = projected if self.image_target == "projector" else tokens
+        return patch[:, 1:], image[:, 0]  # type: ignore[index]
+
+    def student_predictions(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Student patch predictions (B, N, D_p) and image prediction (B, D_i) of the masked view."""
+        tokens = self.student(images, mask)
+        return self.patch_head(tokens[:, 1:]), self.image_head(tokens[:, 0])
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        student_view, teacher_view = self.make_views(batch)
+        mask = batch["mask"]
+        patch_target, image_target = self.teacher_targets(teacher_view)
+        patch_pred, image_pred = self.student_predictions(student_view, mask)
+        loss_patch = patch_contrastive_loss(patch_pred, patch_target, mask, self.patch_temperature,
+                                            self.patch_negatives)
+        keys = concat_all_gather(image_target)
+        offset = get_rank() * image_pred.shape[0]  # this process's positives among the gathered keys
+        loss_image = info_nce(image_pred, keys, self.image_temperature, label_offset=offset)
+        loss = loss_patch + self.image_weight * loss_image
+        return {"loss": loss, "loss_patch": loss_patch.detach(), "loss_image": loss_image.detach()}
+
+    def encoder(self, which: str = "teacher") -> MaskedEncoder:
+        """The student for "teacher" and "student" (the trained model); "contrastive_teacher": the frozen."""
+        if which == "contrastive_teacher":
+            return self.contrastive_teacher.encoder
+        return self.student
