@@ -15,9 +15,9 @@ from cmim.models import MaskedEncoder
 
 
 @torch.no_grad()
-def extract_features(encoder: MaskedEncoder, dataset: Dataset, *, feature: str = "mean", mean=(0.5,), std=(0.5,),
-                     device: torch.device | str = "cpu", batch_size: int = 256, num_workers: int = 0,
-                     precision: str = "bf16") -> tuple[Tensor, Tensor]:
+def extract_features(encoder: MaskedEncoder, dataset: Dataset, *, feature: str = "mean", mean=(0.5,),
+                     std=(0.5,), device: torch.device | str = "cpu", batch_size: int = 256,
+                     num_workers: int = 0, precision: str = "bf16") -> tuple[Tensor, Tensor]:
     """Pooled features (float32, CPU) and labels of every sample of an :class:`EvalDataset`."""
     device = torch.device(device)
     was_training = encoder.training
@@ -46,7 +46,8 @@ def knn_scores(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, *,
     for start in range(0, test_feats.shape[0], chunk):
         sim = test_feats[start:start + chunk] @ train_feats.T
         top_sim, top_idx = sim.topk(k, dim=1)
-        votes = F.one_hot(train_labels[top_idx], num_classes).float() * (top_sim / temperature).exp().unsqueeze(-1)
+        weights = (top_sim / temperature).exp().unsqueeze(-1)
+        votes = F.one_hot(train_labels[top_idx], num_classes).float() * weights
         out.append(votes.sum(dim=1))
     return torch.cat(out)
 
@@ -58,7 +59,8 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
                         num_classes=num_classes)
     top = scores.topk(min(5, scores.shape[1]), dim=1).indices
     hit = top == test_labels.unsqueeze(1)
-    return {"top1": 100.0 * hit[:, 0].float().mean().item(), "top5": 100.0 * hit.any(dim=1).float().mean().item()}
+    return {"top1": 100.0 * hit[:, 0].float().mean().item(),
+            "top5": 100.0 * hit.any(dim=1).float().mean().item()}
 
 
 def first_n(dataset: Dataset, n: int | None) -> Dataset:

@@ -38,7 +38,7 @@ def timm_spec(model_cfg: Any, img_size: int, in_chans: int) -> tuple[str, dict[s
     )
     if model_cfg.family == "vit":
         size = model_cfg.size
-        # fc_norm=False keeps timm's per-token final `norm` for both poolings, so "avg" pools normalized tokens.
+        # fc_norm=False keeps timm's per-token final `norm` for both poolings: "avg" pools normalized tokens.
         kwargs = dict(common, init_values=model_cfg.layer_scale_init, fc_norm=False)
         return f"vit_{size}_patch16_224", kwargs
     large = model_cfg.size == "large"
@@ -54,14 +54,26 @@ class MaskedEncoder(nn.Module):
     """A timm ViT or Beit (``self.backbone``) plus the mask token used by masked image modeling.
 
     ``forward(images, mask)`` returns all tokens after the final norm, shape (B, 1 + N, D), CLS first.
+
+    Attention kernel: timm's blocks call ``F.scaled_dot_product_attention`` when their ``fused_attn`` flag is
+    set. On CUDA that is the fast path; on CPU, PyTorch's flash-attention kernel is several times slower
+    than timm's explicit ``softmax(q k^T) v`` for ViT sequence lengths (its backward especially: 2.5-6x in
+    bf16 training for 50-197 tokens, see BENCHMARKS.md), so the flag follows the device the encoder lives
+    on (:attr:`fused_attn_cpu`, :attr:`fused_attn_accel`). Both paths compute the same attention.
     """
+
+    #: use SDPA on CPU (False: timm's explicit attention, faster there for training)
+    fused_attn_cpu: bool = False
+    #: use SDPA on accelerators (CUDA etc.)
+    fused_attn_accel: bool = True
 
     def __init__(self, timm_name: str, timm_kwargs: dict[str, Any], drop_path: float = 0.0,
                  sincos_pos_embed: bool = False, frozen_patch_embed: bool = False) -> None:
         super().__init__()
         self.timm_name = timm_name
         self.timm_kwargs = dict(timm_kwargs)
-        self.backbone = timm.create_model(timm_name, pretrained=False, drop_path_rate=drop_path, **timm_kwargs)
+        self.backbone = timm.create_model(timm_name, pretrained=False, drop_path_rate=drop_path,
+                                          **timm_kwargs)
         self.family = "beit" if hasattr(self.backbone, "rel_pos_bias") else "vit"
         self.embed_dim: int = self.backbone.embed_dim
         self.grid_size: tuple[int, int] = tuple(self.backbone.patch_embed.grid_size)
@@ -74,12 +86,27 @@ class MaskedEncoder(nn.Module):
         if frozen_patch_embed:
             for p in self.backbone.patch_embed.parameters():
                 p.requires_grad_(False)
+        self._select_attention()
+
+    def _select_attention(self) -> None:
+        """Set every timm attention's ``fused_attn`` flag for the device the parameters are on."""
+        fused = self.fused_attn_cpu if self.mask_token.device.type == "cpu" else self.fused_attn_accel
+        for m in self.backbone.modules():
+            if isinstance(getattr(m, "fused_attn", None), bool):
+                m.fused_attn = fused
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # .to()/.cuda()/.cpu() all end here: re-select the attention kernel for the new device.
+        out = super()._apply(fn, recurse)
+        self._select_attention()
+        return out
 
     def _set_sincos_pos_embed(self) -> None:
         """Fixed 2-D sin-cos position embedding (MoCo v3); the CLS position gets zeros."""
         pos = getattr(self.backbone, "pos_embed", None)
         if pos is None:
-            raise ValueError("a sin-cos position embedding needs a backbone with an absolute position embedding")
+            raise ValueError("a sin-cos position embedding needs a backbone with an absolute position "
+                             "embedding")
         table = build_sincos2d_pos_embed(list(self.grid_size), dim=self.embed_dim, temperature=10000.0)
         with torch.no_grad():
             pos.zero_()
@@ -106,13 +133,18 @@ class MaskedEncoder(nn.Module):
             x = x + bb.pos_embed
         x = bb.pos_drop(x)
         rel_pos_bias = bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
+        dev = x.device.type
+        if rel_pos_bias is not None and torch.is_autocast_enabled(dev):
+            # What SDPA's autocast does to its attn_mask; on the explicit path it keeps the (B, H, N, N)
+            # scores, softmax and their backward in bf16 instead of promoting them all to fp32.
+            rel_pos_bias = rel_pos_bias.to(torch.get_autocast_dtype(dev))
         for blk in bb.blocks:
             x = blk(x, shared_rel_pos_bias=rel_pos_bias)
         return bb.norm(x)
 
     @staticmethod
     def pool(tokens: Tensor, feature: str = "mean") -> Tensor:
-        """Image feature from tokens: "mean" of patch tokens (what timm's global_pool="avg" gives) or "cls"."""
+        """Image feature from tokens: "mean" of patch tokens (timm's global_pool="avg") or "cls"."""
         return tokens[:, 1:].mean(dim=1) if feature == "mean" else tokens[:, 0]
 
 

@@ -1,0 +1,85 @@
+"""``cmim eval knn|linear|finetune CHECKPOINT [RECIPE options] [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from cmim.eval.run import PROTOCOLS, open_source, run_eval, summary_line
+
+__all__ = ["add_parser", "allow_intermixed"]
+
+_HELP = {
+    "knn": "k-NN on frozen features (DINO: k=10/20/100/200, cosine, votes exp(sim/0.07)); cached features",
+    "linear": "linear probe on frozen features (BN w/o affine + linear; SGD/LARS, cosine); "
+              "linear.mode=cached (fast) | reference (MoCo v3 / MAE, augmented images)",
+    "finetune": "end-to-end fine-tuning (layer decay, drop path, Mixup/CutMix, RandAugment, random erasing; "
+                "BEiT/ConMIM, MAE and CPU recipes in configs/finetune_*.yaml)",
+}
+
+
+def allow_intermixed(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let ``key=value`` overrides come after options too (``cmim eval knn CKPT --random-init k=v``).
+
+    Plain argparse stops collecting a positional list at the first option and rejects what follows; the
+    intermixed parser does not. Sub-command parsers are called through ``parse_known_args``, so that is
+    routed to ``parse_known_intermixed_args`` (which itself calls ``parse_known_args``: hence the guard).
+    """
+    plain = parser.parse_known_args
+    busy = False
+
+    def parse_known_args(args=None, namespace=None):  # type: ignore[no-untyped-def]
+        nonlocal busy
+        if busy:
+            return plain(args, namespace)
+        busy = True
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            busy = False
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.encoder:
+        overrides.append(f"encoder={args.encoder}")
+    if args.random_init:
+        overrides.append("init=random")
+    if args.feature:
+        overrides.append(f"feature={args.feature}")
+    src, cfg = open_source(args.checkpoint, args.config, overrides)
+    if args.no_cache:
+        import tempfile
+
+        cfg.cache_dir = tempfile.mkdtemp(prefix="cmim-features-")  # fresh features, nothing reused
+    if args.protocol == "finetune" or (args.protocol == "linear" and cfg.linear.mode == "reference"):
+        logging.getLogger("cmim").setLevel(logging.INFO)
+    result = run_eval(args.protocol, src, cfg, out=args.out)
+    print(summary_line(result))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    desc = ("Evaluate a checkpoint (any method; teacher or student) or an exported .safetensors file. Data "
+            "defaults to what the encoder was pre-trained on; a recipe (configs/eval_*.yaml, "
+            "configs/finetune_*.yaml) and key=value overrides change it. Writes a JSON result and prints one "
+            "summary line.")
+    p = subparsers.add_parser("eval", help="evaluate an encoder: knn | linear | finetune", description=desc)
+    sub = p.add_subparsers(dest="protocol", required=True)
+    for name in PROTOCOLS:
+        q = sub.add_parser(name, help=_HELP[name], description=_HELP[name])
+        q.add_argument("checkpoint", help="cmim checkpoint (.pt) or file written by `cmim export`")
+        q.add_argument("overrides", nargs="*", help="key=value eval-config overrides (test_subset=2000)")
+        q.add_argument("-c", "--config", help="eval recipe YAML")
+        q.add_argument("--encoder", choices=("teacher", "student"), help="which encoder (default: teacher)")
+        q.add_argument("--feature", choices=("mean", "cls"), help="pooled feature (default: mean)")
+        q.add_argument("--random-init", action="store_true",
+                       help="evaluate the same architecture with fresh weights (the baseline)")
+        q.add_argument("--out", help="result JSON (default: <checkpoint dir>/eval/<protocol>-...json)")
+        q.add_argument("--no-cache", action="store_true", help="recompute features in a throw-away cache")
+        q.set_defaults(func=_run)
+        allow_intermixed(q)

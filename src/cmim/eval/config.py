@@ -1,0 +1,164 @@
+"""Evaluation recipes: an OmegaConf schema of their own, merged over the checkpoint's data settings.
+
+Order of precedence: schema defaults <- the pre-training data config stored in the checkpoint (image size,
+channels, normalization, dataset) <- the eval recipe YAML (``_base_`` supported) <- ``key=value``
+overrides. So ``cmim eval knn CKPT`` with no recipe evaluates on the data the encoder was trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cmim.config import ConfigError, DataConfig, _one_line, _read_yaml
+
+__all__ = ["EvalConfig", "FinetuneConfig", "KNNConfig", "LinearConfig", "load_eval_config", "validate_eval"]
+
+
+@dataclass
+class KNNConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # DINO; top1/top5 reported at k=20
+    temperature: float = 0.07
+
+
+@dataclass
+class LinearConfig:
+    # "cached": features of the centre crops computed once (on disk), then BN + linear trained on them: fast.
+    # "reference": MoCo v3 / MAE; random-resized-crop + flip images through the frozen encoder every step.
+    mode: str = "cached"
+    epochs: int = 90
+    batch_size: int = 1024
+    optimizer: str = "sgd"  # "sgd" (momentum, MoCo v3) | "lars" (MAE); both timm optimizers
+    lr: float | None = None  # absolute; None = blr * batch_size / 256
+    blr: float = 3.0  # MoCo v3 ViT linear probe: lr 3 at batch 1024 (-> 12); MAE: 0.1 with LARS at 16384
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    bn: bool = True  # BatchNorm1d(affine=False) before the linear layer (MAE; MoCo v3's release has none)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # reference mode only
+    hflip: float = 0.5
+
+
+@dataclass
+class FinetuneConfig:
+    """BEiT/ConMIM ViT-B fine-tuning on ImageNet-1K by default (100 ep, batch 1024, lr 4e-3, ld 0.65)."""
+
+    epochs: int = 100
+    batch_size: int = 1024
+    lr: float | None = 4e-3  # absolute peak lr; None = blr * batch_size / 256 (MAE)
+    blr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 20.0
+    warmup_lr: float = 1e-6
+    layer_decay: float = 0.65  # timm param_groups_layer_decay through create_optimizer_v2
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    drop_path: float = 0.1
+    pool: str = "avg"  # "avg": mean of patch tokens (BEiT/ConMIM/MAE) | "token": CLS
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null disables
+    color_jitter: float | None = 0.4  # only used when auto_augment is null (timm's rule)
+    reprob: float = 0.25  # random erasing probability
+    remode: str = "pixel"
+    recount: int = 1
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    clip_grad: float | None = None
+    eval_every_epochs: int = 1  # 0: only at the end
+    max_steps: int | None = None  # stop early (the schedule still spans all epochs): smoke runs and tests
+
+
+@dataclass
+class EvalConfig:
+    encoder: str = "teacher"  # teacher (EMA) | student; exported files hold one encoder
+    feature: str = "mean"  # k-NN / linear: "mean" of patch tokens | "cls"
+    init: str = "pretrained"  # "pretrained" | "random": same architecture, fresh weights (the baseline)
+    data: DataConfig = field(default_factory=DataConfig)
+    train_subset: int | None = None  # evenly spaced samples of the train split (None: all)
+    test_subset: int | None = None
+    batch_size: int = 256  # feature extraction / evaluation batch
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # "bf16" autocast | "fp32"
+    seed: int = 0
+    cache_dir: str | None = None  # feature cache; None: $CMIM_CACHE or ~/.cache/cmim/features
+    out: str | None = None  # result JSON; None: <checkpoint dir>/eval/<protocol>-<dataset>-<encoder>-...json
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """Relations between values; one line per problem, naming the key."""
+    d, lin, ft = cfg.data, cfg.linear, cfg.finetune
+    _require(cfg.encoder in ("teacher", "student"), f"encoder: teacher or student, not {cfg.encoder!r}")
+    _require(cfg.feature in ("mean", "cls"), f"feature: must be mean or cls, got {cfg.feature!r}")
+    _require(cfg.init in ("pretrained", "random"), f"init: must be pretrained or random, got {cfg.init!r}")
+    _require(cfg.device in ("auto", "cpu", "cuda"), f"device: must be auto, cpu or cuda, got {cfg.device!r}")
+    _require(cfg.precision in ("bf16", "fp32"), f"precision: must be bf16 or fp32, got {cfg.precision!r}")
+    _require(cfg.batch_size > 0, "batch_size: must be positive")
+    for k in ("train_subset", "test_subset"):
+        _require(cfg[k] is None or cfg[k] > 0, f"{k}: must be positive or null")
+    _require(d.name in ("fashion-mnist", "folder", "synthetic", "cifar10", "cifar100"),
+             f"data.name: unknown dataset {d.name!r}")
+    if d.name != "synthetic":
+        if d.root is not None:
+            _require(Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
+        else:
+            _require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
+    _require(len(d.mean) == d.in_chans and len(d.std) == d.in_chans,
+             f"data.mean/std: need {d.in_chans} values each (data.in_chans)")
+    _require(len(cfg.knn.ks) > 0 and all(k >= 1 for k in cfg.knn.ks), "knn.ks: need positive k values")
+    _require(cfg.knn.temperature > 0, "knn.temperature: must be positive")
+    _require(lin.mode in ("cached", "reference"), f"linear.mode: cached or reference, not {lin.mode!r}")
+    _require(lin.optimizer in ("sgd", "lars"), f"linear.optimizer: sgd or lars, not {lin.optimizer!r}")
+    _require(lin.epochs > 0 and lin.batch_size > 0, "linear.epochs/batch_size: must be positive")
+    _require(lin.lr is None or lin.lr > 0, "linear.lr: must be positive or null")
+    _require(ft.epochs > 0, "finetune.epochs: must be positive")
+    _require(ft.batch_size > 1, "finetune.batch_size: must be at least 2 (Mixup pairs samples)")
+    _require(ft.pool in ("avg", "token"), f"finetune.pool: must be avg or token, got {ft.pool!r}")
+    _require(0.0 < ft.layer_decay <= 1.0, f"finetune.layer_decay: must be in (0, 1], got {ft.layer_decay}")
+    _require(0.0 <= ft.drop_path < 1.0, "finetune.drop_path: must be in [0, 1)")
+    _require(0.0 <= ft.smoothing < 1.0, "finetune.smoothing: must be in [0, 1)")
+    _require(0.0 <= ft.reprob <= 1.0, "finetune.reprob: must be in [0, 1]")
+    _require(ft.lr is None or ft.lr > 0, "finetune.lr: must be positive or null")
+    _require(ft.max_steps is None or ft.max_steps > 0, "finetune.max_steps: must be positive or null")
+    for sec in (lin, ft):
+        cs = list(sec.crop_scale)
+        _require(len(cs) == 2 and 0 < cs[0] <= cs[1] <= 1, f"crop_scale: need 0 < min <= max <= 1, got {cs}")
+
+
+def load_eval_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                     base_data: dict[str, Any] | None = None) -> DictConfig:
+    """Schema <- ``base_data`` (the checkpoint's data config) <- recipe <- overrides, then validated."""
+    cfg = OmegaConf.structured(EvalConfig)
+    try:
+        if base_data:
+            # the pre-training subset is not carried over: evaluation has its own train/test subsets
+            known = set(OmegaConf.structured(DataConfig).keys()) - {"subset"}
+            cfg = OmegaConf.merge(cfg, {"data": {k: v for k, v in base_data.items() if k in known}})
+        if recipe is not None:
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(recipe).resolve()))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override must look like key=value: {bad[0]!r}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        validate_eval(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    return cfg

@@ -1,0 +1,219 @@
+"""Open any encoder source as a :class:`~cmim.models.MaskedEncoder`: a cmim training checkpoint (any method,
+teacher or student) or a ``.safetensors`` file written by ``cmim export``.
+
+Checkpoints are read without rebuilding the method: the encoder's weights are cut out of ``ckpt["model"]``
+by prefix and loaded into a fresh encoder built from ``ckpt["encoder"]``. That keeps evaluation independent
+of a method's other parts (MimCo's frozen teacher file, projectors, queues) and of how a method names its
+modules: every MaskedEncoder in a state dict is found by its ``<prefix>mask_token`` and
+``<prefix>backbone.patch_embed.proj.weight`` keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cmim.config import ConfigError, from_yaml_string
+from cmim.engine.checkpoint import CheckpointError, load_checkpoint
+from cmim.models import MaskedEncoder, build_encoder
+
+__all__ = [
+    "EXPORT_META_KEY",
+    "EncoderSource",
+    "encoder_prefix",
+    "encoder_prefixes",
+    "encoder_state_dict",
+    "load_source",
+    "random_init_like",
+    "sha256_file",
+]
+
+EXPORT_META_KEY = "cmim"  # safetensors metadata key holding the JSON description written by `cmim export`
+_MARK = "backbone.patch_embed.proj.weight"
+
+# Where each method keeps the encoder that ``method.encoder(which)`` returns, used when the method class does
+# not say so itself (class attribute ``encoder_prefixes``). MimCo's own "teacher" is the frozen contrastive
+# model it learns from, not a product of the run, so both names give its student (as ``MimCo.encoder`` does).
+DEFAULT_PREFIXES: dict[str, dict[str, str]] = {
+    "conmim": {"teacher": "teacher.", "student": "student."},
+    "mocov3": {"teacher": "teacher.", "student": "student."},
+    "mimco": {"teacher": "student.", "student": "student."},
+    "simmim": {"teacher": "student.", "student": "student."},
+}
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Content hash of a file (memoized per path, size and mtime: big checkpoints are hashed once)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+@dataclass
+class EncoderSource:
+    """An encoder plus what evaluation must know about where it came from."""
+
+    encoder: MaskedEncoder
+    path: str
+    sha256: str
+    kind: str  # "checkpoint" | "export"
+    which: str  # teacher | student (as requested; for exports: the one that was exported)
+    method: str | None
+    data: dict[str, Any]  # the pre-training data config (at least img_size, in_chans, mean, std)
+    config: DictConfig | None = None  # full pre-training config when known
+    init: str = "pretrained"  # "pretrained" | "random-s<seed>" (same architecture, fresh weights)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        """Identifies the weights: content hash + encoder + init (the feature-cache key starts with it)."""
+        return f"{self.sha256[:16]}-{self.which}-{self.init}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "kind": self.kind, "encoder": self.which,
+                "method": self.method, "init": self.init, "timm_name": self.encoder.timm_name,
+                "timm_kwargs": self.encoder.timm_kwargs}
+
+
+def encoder_prefixes(state_dict: dict[str, Any]) -> list[str]:
+    """Prefixes of every MaskedEncoder stored in a method's state dict (e.g. ["student.", "teacher."])."""
+    found = [k[: -len(_MARK)] for k in state_dict if k.endswith(_MARK)]
+    return sorted(p for p in found if f"{p}mask_token" in state_dict)
+
+
+def _class_prefixes(method: str | None) -> dict[str, str] | None:
+    if not method:
+        return None
+    try:
+        mod = importlib.import_module(f"cmim.methods.{method}")
+    except Exception:  # noqa: BLE001 - a missing/broken method module must not block evaluation
+        return None
+    for obj in vars(mod).values():
+        if isinstance(obj, type) and getattr(obj, "name", None) == method:
+            prefixes = getattr(obj, "encoder_prefixes", None)
+            if isinstance(prefixes, dict):
+                return dict(prefixes)
+    return None
+
+
+def encoder_prefix(state_dict: dict[str, Any], method: str | None, which: str) -> str:
+    """The state-dict prefix of the encoder ``method.encoder(which)`` returns."""
+    found = encoder_prefixes(state_dict)
+    if not found:
+        raise CheckpointError("no encoder found in the checkpoint's model state (no '*mask_token' + "
+                              "'*backbone.patch_embed.proj.weight' keys)")
+    table = _class_prefixes(method) or DEFAULT_PREFIXES.get(method or "")
+    if table and table.get(which) in found:
+        return table[which]
+    for cand in (f"{which}.", "student."):
+        if cand in found:
+            return cand
+    if len(found) == 1:
+        return found[0]
+    raise CheckpointError(f"cannot tell which encoder is the {which!r} among {found}")
+
+
+def encoder_state_dict(state_dict: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    """The MaskedEncoder sub-dict (keys "backbone.*" and "mask_token") stored under ``prefix``."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _data_summary(data: Any) -> dict[str, Any]:
+    d = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
+    return dict(d)  # type: ignore[arg-type]
+
+
+def _load_checkpoint_source(path: Path, which: str) -> EncoderSource:
+    ckpt = load_checkpoint(path)
+    method = ckpt.get("method")
+    cfg = from_yaml_string(ckpt["config"]) if isinstance(ckpt.get("config"), str) else None
+    method = method or (cfg.method if cfg is not None else None)
+    prefix = encoder_prefix(ckpt["model"], method, which)
+    sd = encoder_state_dict(ckpt["model"], prefix)
+    meta = ckpt.get("encoder") or {}
+    try:
+        if cfg is not None:
+            enc = build_encoder(cfg.model, cfg.data.img_size, cfg.data.in_chans)
+        elif meta.get("timm_name"):
+            enc = MaskedEncoder(meta["timm_name"], meta.get("timm_kwargs", {}))
+        else:
+            raise CheckpointError(f"{path}: no stored config or encoder description to rebuild the encoder")
+        enc.load_state_dict(sd, strict=True)
+    except (RuntimeError, ValueError, TypeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"{path}: the {which} encoder ({prefix!r}) does not fit its stored "
+                              f"architecture: {detail}") from None
+    data = _data_summary(cfg.data) if cfg is not None else {}
+    return EncoderSource(enc.eval(), str(path), sha256_file(path), "checkpoint", which, method, data, cfg,
+                         extra={"prefix": prefix, "step": ckpt.get("step"), "epoch": ckpt.get("epoch")})
+
+
+def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The description ``cmim export`` stored in a safetensors file's metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(EXPORT_META_KEY)
+    except Exception as e:  # noqa: BLE001 - any failure means an unusable file
+        raise CheckpointError(f"cannot read {path} as safetensors: {type(e).__name__}: {e}") from None
+    if raw is None:
+        raise CheckpointError(f"{path} has no cmim metadata (not written by `cmim export`)")
+    return json.loads(raw)
+
+
+def _load_export_source(path: Path) -> EncoderSource:
+    from safetensors.torch import load_file
+
+    meta = read_export_meta(path)
+    sd = load_file(str(path))
+    enc = MaskedEncoder(meta["timm_name"], meta["timm_kwargs"])
+    missing, unexpected = enc.backbone.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("head")]:
+        raise CheckpointError(f"{path}: weights do not fit {meta['timm_name']} "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return EncoderSource(enc.eval(), str(path), sha256_file(path), "export", meta.get("encoder", "teacher"),
+                         meta.get("method"), dict(meta.get("data", {})), None, extra={"export": meta})
+
+
+def load_source(path: str | os.PathLike, which: str = "teacher") -> EncoderSource:
+    """Open a checkpoint (``which`` = teacher | student) or an exported ``.safetensors`` file."""
+    if which not in ("teacher", "student"):
+        raise ConfigError(f"encoder: must be teacher or student, got {which!r}")
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    with open(p, "rb") as f:
+        head = f.read(16)
+    if p.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+        return _load_export_source(p)
+    return _load_checkpoint_source(p, which)
+
+
+def random_init_like(src: EncoderSource, seed: int = 0) -> EncoderSource:
+    """Same architecture as ``src``, freshly initialized with ``seed``: the baseline for every protocol."""
+    torch.manual_seed(seed)
+    if src.config is not None:
+        enc = build_encoder(src.config.model, src.config.data.img_size, src.config.data.in_chans)
+    else:
+        enc = MaskedEncoder(src.encoder.timm_name, src.encoder.timm_kwargs)
+    return EncoderSource(enc.eval(), src.path, src.sha256, src.kind, src.which, src.method, dict(src.data),
+                         src.config, init=f"random-s{seed}", extra=dict(src.extra))

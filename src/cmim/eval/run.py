@@ -1,0 +1,159 @@
+"""One entry point per protocol: open the encoder, run, write the JSON result, print one summary line.
+
+Every result file has the same shape: ``protocol``, ``top1``, ``top5``, ``features`` (which encoder, pooled
+feature, init, sample counts), ``checkpoint`` (path, sha256, method), ``dataset``, protocol ``details``,
+the full resolved ``config`` and timing, so results from different runs can be compared and tabulated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cmim.config import ConfigError
+from cmim.eval.config import load_eval_config
+from cmim.eval.features import cached_features, num_classes_of, resolve_device
+from cmim.eval.knn import knn_accuracy
+from cmim.eval.linear import linear_on_features, linear_reference
+from cmim.eval.loading import EncoderSource, load_source, random_init_like
+
+__all__ = ["PROTOCOLS", "default_result_path", "open_source", "run_eval", "summary_line"]
+
+PROTOCOLS = ("knn", "linear", "finetune")
+
+
+def _peek(recipe: str | os.PathLike | None, overrides: list[str] | None, key: str, default: str) -> str:
+    """A top-level value needed before the checkpoint is opened (the encoder to cut out)."""
+    value = default
+    if recipe is not None:
+        from cmim.config import _read_yaml
+
+        value = str(_read_yaml(Path(recipe).resolve()).get(key, value))
+    for o in overrides or []:
+        if o.startswith(f"{key}="):
+            value = o.split("=", 1)[1]
+    return value
+
+
+def open_source(path: str | os.PathLike, recipe: str | os.PathLike | None = None,
+                overrides: list[str] | None = None) -> tuple[EncoderSource, DictConfig]:
+    """The encoder (pre-trained or its random-init twin) and the resolved eval config for it."""
+    src = load_source(path, _peek(recipe, overrides, "encoder", "teacher"))
+    cfg = load_eval_config(recipe, overrides, base_data=src.data)
+    if cfg.init == "random":
+        src = random_init_like(src, cfg.seed)
+    return src, cfg
+
+
+def default_result_path(src: EncoderSource, cfg: DictConfig, protocol: str) -> Path:
+    feat = f"ft{cfg.finetune.pool}" if protocol == "finetune" else cfg.feature
+    init = "" if src.init == "pretrained" else "-random"
+    name = f"{protocol}-{cfg.data.name}-{src.which}-{feat}{init}.json"
+    return Path(src.path).resolve().parent / "eval" / name
+
+
+def _knn(src: EncoderSource, cfg: DictConfig) -> dict[str, Any]:
+    trf, trl, c1 = cached_features(src, cfg, "train")
+    tef, tel, c2 = cached_features(src, cfg, "test")
+    if (trl < 0).all() or (tel < 0).all():
+        raise ConfigError(f"data: {cfg.data.name} has no labels; k-NN needs labeled train and test splits")
+    num_classes = int(max(trl.max(), tel.max())) + 1
+    per_k = {int(k): knn_accuracy(trf, trl, tef, tel, k=int(k), temperature=cfg.knn.temperature,
+                                  num_classes=num_classes) for k in cfg.knn.ks}
+    main = 20 if 20 in per_k else sorted(per_k)[0]
+    return {"top1": per_k[main]["top1"], "top5": per_k[main]["top5"],
+            "details": {"k": main, "per_k": {str(k): v for k, v in sorted(per_k.items())},
+                        "temperature": cfg.knn.temperature, "num_classes": num_classes},
+            "train_samples": len(trl), "test_samples": len(tel), "features_cached": c1 and c2}
+
+
+def _linear(src: EncoderSource, cfg: DictConfig) -> dict[str, Any]:
+    if cfg.linear.mode == "reference":
+        res = linear_reference(src, cfg, num_classes_of(cfg))
+        n_test = None
+        cached = False
+    else:
+        trf, trl, c1 = cached_features(src, cfg, "train")
+        tef, tel, c2 = cached_features(src, cfg, "test")
+        res = linear_on_features(trf, trl, tef, tel, cfg.linear, num_classes=num_classes_of(cfg),
+                                 seed=cfg.seed, device=resolve_device(cfg.device))
+        res["train_samples"], n_test, cached = len(trl), len(tel), c1 and c2
+    details = {k: v for k, v in res.items() if k not in ("top1", "top5", "train_samples")}
+    return {"top1": res["top1"], "top5": res["top5"], "details": dict(details, mode=cfg.linear.mode),
+            "train_samples": res.get("train_samples"), "test_samples": n_test, "features_cached": cached}
+
+
+def _finetune(src: EncoderSource, cfg: DictConfig) -> dict[str, Any]:
+    from cmim.eval.finetune import finetune
+
+    res = finetune(src, cfg, num_classes_of(cfg))
+    details = {k: v for k, v in res.items() if k not in ("top1", "top5", "train_samples")}
+    return {"top1": res["top1"], "top5": res["top5"], "details": details,
+            "train_samples": res["train_samples"], "test_samples": None, "features_cached": False}
+
+
+def run_eval(protocol: str, src: EncoderSource, cfg: DictConfig, out: str | os.PathLike | None = None,
+             write: bool = True) -> dict[str, Any]:
+    """Run ``protocol`` on ``src`` with ``cfg``; write the JSON result (unless ``write=False``); return it."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r} (choose from {', '.join(PROTOCOLS)})")
+    t0 = time.perf_counter()
+    res = {"knn": _knn, "linear": _linear, "finetune": _finetune}[protocol](src, cfg)
+    if res.get("test_samples") is None:
+        from cmim.eval.features import eval_dataset
+
+        res["test_samples"] = len(eval_dataset(cfg, "test"))  # type: ignore[arg-type]
+    if protocol == "finetune":
+        feature = f"fine-tuned ({cfg.finetune.pool} pooling)"
+    else:
+        feature = cfg.feature
+    result: dict[str, Any] = {
+        "protocol": protocol,
+        "top1": res["top1"],
+        "top5": res["top5"],
+        "features": {"encoder": src.which, "feature": feature, "init": src.init,
+                     "train_split": cfg.data.train_split, "test_split": cfg.data.eval_split,
+                     "train_samples": res["train_samples"], "test_samples": res["test_samples"],
+                     "cached": res["features_cached"]},
+        "checkpoint": src.describe(),
+        "dataset": {"name": cfg.data.name, "root": cfg.data.root, "img_size": cfg.data.img_size,
+                    "in_chans": cfg.data.in_chans},
+        "details": res["details"],
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "seconds": time.perf_counter() - t0,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if write:
+        path = Path(out or cfg.out or default_result_path(src, cfg, protocol))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, path)
+        result["path"] = str(path)
+    return result
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    """One line: protocol, top-1/top-5, what was evaluated, where the JSON went."""
+    f, c, d = r["features"], r["checkpoint"], r["dataset"]
+    extra = ""
+    if r["protocol"] == "knn":
+        ks = ", ".join(f"k={k} {v['top1']:.2f}" for k, v in r["details"]["per_k"].items())
+        extra = f" [{ks}]"
+    elif r["protocol"] == "linear":
+        hist = r["details"].get("history") or [{}]
+        extra = f" [{r['details']['mode']}, {hist[-1].get('epoch', '?')} epochs]"
+    else:
+        extra = f" [{r['details']['steps']} steps]"
+    where = f" -> {r['path']}" if "path" in r else ""
+    what = f"{f['feature']}" if r["protocol"] == "finetune" else f"{f['feature']} features"
+    return (f"cmim eval {r['protocol']}: top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}%{extra} | "
+            f"{f['encoder']} {what}, {f['init']} | "
+            f"{d['name']} {f['test_split']} ({f['test_samples']}) | "
+            f"{c['path']} (sha256 {c['sha256'][:12]}){where}")

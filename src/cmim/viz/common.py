@@ -1,0 +1,44 @@
+"""Figure helpers shared by the plots: a headless backend, flat axes arrays, atomic PNG writes, and turning
+an eval-dataset item back into a displayable image."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: plots are files, never windows
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+__all__ = ["display_image", "new_figure", "save_figure"]
+
+
+def new_figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Any, list[Any]]:
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    return fig, list(axes.flatten())
+
+
+def save_figure(fig: Any, out: str | os.PathLike, dpi: int = 110, tight: bool = True) -> Path:
+    """Write ``fig`` as PNG (through a temporary name, so a reader never sees half a file) and close it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    if tight:
+        fig.tight_layout()
+    fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def display_image(img_u8: Tensor) -> tuple[np.ndarray, str | None]:
+    """uint8 (C, H, W) -> an array for ``imshow`` plus the colormap it needs (gray for one channel)."""
+    a = img_u8.cpu().numpy()
+    if a.shape[0] == 1:
+        return a[0], "gray"
+    return a.transpose(1, 2, 0), None

@@ -1,0 +1,59 @@
+"""`cmim bench` end to end on a tiny model (no timing assertions), and the CPU attention FLOP formula."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from conftest import tiny_overrides
+
+from cmim.bench import count_step_flops
+from cmim.cli import main
+
+
+def test_bench_tiny_conmim(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    argv = ["bench", *tiny_overrides(tmp_path, "train.precision=bf16", "train.batch_size=8"),
+            "--steps", "2", "--warmup", "1", "--rounds", "1", "--data-items", "8", "--peak-sizes", "64,128",
+            "--json-out", str(out_json)]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(lines[-1])
+    assert res == json.loads(out_json.read_text())
+    assert any(line.startswith("MFU") for line in lines)
+    assert res["method"] == "conmim" and res["batch"] == 8 and res["precision"] == "bf16"
+    assert res["img_per_s"] > 0 and res["flops_per_img"] > 0 and res["mfu"] > 0
+    assert res["peak_bf16_tflops"] > 0 and res["peak_fp32_tflops"] > 0
+    assert res["data_items_per_s_per_core"] > 0 and res["viewmaker_img_per_s"] > 0
+    # teacher forward + student forward and backward: the student side costs about 3x the teacher's
+    by = res["flops_by_module"]
+    assert 2.0 < by["ConMIM.student"] / by["ConMIM.teacher"] < 4.0
+    assert not any("view_maker" in k for k in by)
+
+
+def test_cpu_sdpa_flops_are_counted():
+    b, h, n, d = 2, 3, 10, 8
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+
+    def step() -> None:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    flops = count_step_flops(step)["total"]
+    fwd = 4 * b * h * n * n * d  # q k^T and p v, 2 FLOPs per multiply-add
+    assert flops >= 3 * fwd  # forward + backward (about 2.5x forward)
+
+
+def test_photometric_subset_path_matches_sync_free_path(monkeypatch):
+    """The CPU fast path (hue/blur on the selected samples only) equals the accelerator path (torch.where)."""
+    import numpy as np
+
+    from cmim.data import augment as A
+
+    x = torch.rand(32, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    params = torch.from_numpy(np.stack([A.sample_photometric_params(p, rng)
+                                        for p in ["conmim_strong", "byol1", "byol2", "none"] * 8]))
+    fast = A.apply_photometric(x, params, 3)
+    monkeypatch.setattr(A, "_SUBSET_DEVICES", ())
+    assert torch.allclose(fast, A.apply_photometric(x, params, 3), atol=1e-6)
