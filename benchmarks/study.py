@@ -44,7 +44,7 @@ def budget(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(subset=4000, epochs=1, knn_train=4000, knn_test=1000, ft_subset=2000, ft_epochs=1,
                     lin_epochs=20, seeds=[0])
-    return dict(subset=10000, epochs=2, knn_train=10000, knn_test=5000, ft_subset=5000, ft_epochs=3,
+    return dict(subset=10000, epochs=2, knn_train=10000, knn_test=2000, ft_subset=3000, ft_epochs=2,
                 lin_epochs=30, seeds=[0, 1, 2])
 
 

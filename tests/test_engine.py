@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_overrides  # noqa: E402
 
 QUIET = ["monitor.every_epochs=0", "train.resume=auto"]
+# in-process runs and CLI runs must start from the same recipe to be comparable
+RECIPE = REPO / "configs" / "conmim_fmnist_cpu.yaml"
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -30,7 +32,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def _run(tmp: Path, name: str, *extra: str) -> Path:
     out = tmp / name
-    pretrain(load_config(None, tiny_overrides(tmp, *QUIET, f"train.out_dir={out}", *extra)))
+    pretrain(load_config(RECIPE, tiny_overrides(tmp, *QUIET, f"train.out_dir={out}", *extra)))
     return out
 
 

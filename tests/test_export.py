@@ -25,6 +25,15 @@ from cmim.models import MaskedEncoder
 HAS_MIMCO = importlib.util.find_spec("cmim.methods.mimco") is not None
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one intra-op thread, and far faster on busy shared cores (no thrashing)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _train(root: Path, *extra: str) -> Path:
     cfg = load_config(None, tiny_overrides(root, "train.max_steps=1", "monitor.every_epochs=0", *extra))
     return Path(pretrain(cfg)["checkpoint"])

@@ -19,6 +19,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DATA = ["data.num_workers=0", "precision=fp32"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one intra-op thread, and far faster on busy shared cores (no thrashing)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A tiny ConMIM run with a metrics log (train + online k-NN records) and a checkpoint."""
@@ -35,8 +44,8 @@ def test_viz_commands_write_pngs(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CMIM_CACHE", str(tmp_path / "cache"))
     ckpt = str(run_dir / "checkpoint.pt")
     cmds = {
-        "tsne": ["viz", "tsne", ckpt, f"{ckpt}@student", "--random-init", "--points", "48", "test_subset=48", "train_subset=48",
-                 "linear.epochs=5", *DATA],
+        "tsne": ["viz", "tsne", ckpt, f"{ckpt}@student", "--random-init", "--points", "48", "test_subset=48",
+                 "train_subset=48", "linear.epochs=5", *DATA],
         "patches": ["viz", "patches", ckpt, "--random-init", "--images", "2", "--query", "1,1",
                     "--query", "2,3", *DATA],
         "attention": ["viz", "attention", ckpt, "--images", "2", *DATA],

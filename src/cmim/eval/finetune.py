@@ -67,7 +67,7 @@ def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.I
 
 
 def _use_safe_posterize(transform: Any) -> Any:
-    """Swap the posterize function of this transform's RandAugment ops (only this object, not timm's table)."""
+    """Swap the posterize function of this transform's RandAugment ops (this object only, not timm's)."""
     for t in getattr(transform, "transforms", []):
         for op in getattr(t, "ops", []):
             if str(getattr(op, "name", "")).startswith("Posterize"):

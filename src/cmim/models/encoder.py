@@ -56,10 +56,10 @@ class MaskedEncoder(nn.Module):
     ``forward(images, mask)`` returns all tokens after the final norm, shape (B, 1 + N, D), CLS first.
 
     Attention kernel: timm's blocks call ``F.scaled_dot_product_attention`` when their ``fused_attn`` flag is
-    set. On CUDA that is the fast path; on CPU, PyTorch's flash-attention kernel is several times slower
-    than timm's explicit ``softmax(q k^T) v`` for ViT sequence lengths (its backward especially: 2.5-6x in
-    bf16 training for 50-197 tokens, see BENCHMARKS.md), so the flag follows the device the encoder lives
-    on (:attr:`fused_attn_cpu`, :attr:`fused_attn_accel`). Both paths compute the same attention.
+    set. On CUDA that is the fast path; on CPU, PyTorch's flash-attention kernel is slower than timm's
+    explicit ``softmax(q k^T) v`` at ViT sequence lengths, its backward especially (bf16 forward + backward:
+    1.6x slower at 197 tokens, 6.5x at 50; see BENCHMARKS.md). So the flag follows the device the encoder
+    lives on (:attr:`fused_attn_cpu`, :attr:`fused_attn_accel`). Both paths compute the same attention.
     """
 
     #: use SDPA on CPU (False: timm's explicit attention, faster there for training)

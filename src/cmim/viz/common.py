@@ -18,8 +18,11 @@ from torch import Tensor  # noqa: E402
 __all__ = ["display_image", "new_figure", "save_figure"]
 
 
-def new_figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Any, list[Any]]:
-    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+def new_figure(rows: int, cols: int, size: tuple[float, float],
+               constrained: bool = False) -> tuple[Any, list[Any]]:
+    """A figure and its axes as a flat list; ``constrained`` layout for figures with a shared colorbar."""
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False,
+                             layout="constrained" if constrained else None)
     return fig, list(axes.flatten())
 
 

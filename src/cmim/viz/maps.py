@@ -103,7 +103,7 @@ def plot_patch_similarity(sources: list[tuple[str, EncoderSource]], images_u8: T
     ph, pw = size[0] / grid[0], size[1] / grid[1]
     sims = [(name, patch_similarity(src, images_u8, mean, std, queries)) for name, src in sources]
     rows, cols = len(sources) * images_u8.shape[0], 1 + len(queries)
-    fig, axes = new_figure(rows, cols, (2.1 * cols + 0.6, 2.1 * rows))
+    fig, axes = new_figure(rows, cols, (2.0 * cols + 1.0, 2.0 * rows + 0.4), constrained=True)
     colors = ["#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#af52de"]
     im = None
     for s, (name, sim) in enumerate(sims):
