@@ -18,7 +18,7 @@ demo: setup
 	$(VENV)/bin/cmim pretrain configs/conmim_fmnist_cpu.yaml data.root=$$(PYTHON=$(PY) scripts/get_fashion_mnist.sh) $(DEMO_ARGS)
 
 test: setup
-	FASHION_MNIST_ROOT=$$(PYTHON=$(PY) scripts/get_fashion_mnist.sh) $(VENV)/bin/python -m pytest -q
+	FASHION_MNIST_ROOT=$$(PYTHON=$(PY) scripts/get_fashion_mnist.sh) $(VENV)/bin/python -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
