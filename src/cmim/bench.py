@@ -37,15 +37,15 @@ from cmim.config import ConfigError, load_config
 log = logging.getLogger("cmim")
 
 EPILOG = """\
-Reproduce the BENCHMARKS.md tables (CPU; they were taken with --threads 1 because the 2-core VM was shared:
-on an idle machine leave the default threads):
-  cmim bench configs/conmim_vit_small_in1k.yaml train.batch_size=32 --steps 3 --rounds 2 --profile 1
-  cmim bench configs/conmim_vit_small_in1k.yaml train.batch_size=16 train.precision=fp32 --steps 2 --rounds 2
+Reproduce the BENCHMARKS.md tables (2-core CPU, quiet machine; on a shared machine add --threads 1):
+  cmim bench configs/conmim_vit_small_in1k.yaml train.batch_size=32 --steps 2 --rounds 2 --warmup 1
+  cmim bench configs/conmim_vit_small_in1k.yaml train.batch_size=16 --steps 2 --rounds 3 --warmup 1
+  cmim bench configs/conmim_vit_small_in1k.yaml train.batch_size=16 train.precision=fp32 --steps 2 --warmup 1
   cmim bench configs/conmim_fmnist_cpu.yaml --steps 10 --rounds 3 --data-items 2048
   cmim bench configs/conmim_fmnist_cpu.yaml train.compile=true --steps 10 --rounds 3
-  cmim bench configs/mocov3_fmnist_cpu.yaml --steps 10 --rounds 3
+  cmim bench configs/mocov3_fmnist_cpu.yaml --steps 10 --rounds 3 --data-items 2048
   cmim bench configs/mimco_fmnist_cpu.yaml --teacher-recipe configs/mocov3_fmnist_cpu.yaml --steps 10 --rounds 3
-GPU (one H100; no GPU numbers are in BENCHMARKS.md yet):
+Profiles: add --threads 1 --profile 1. GPU (one H100; no GPU numbers are in BENCHMARKS.md yet):
   cmim bench configs/conmim_vit_base_in1k.yaml train.batch_size=128 --steps 20 --rounds 3
   cmim bench configs/conmim_vit_small_in1k.yaml train.batch_size=256 --steps 20 --rounds 3
 Recipes whose data.root is not given run on procedural images (data pipeline: generated JPEG files); MimCo
