@@ -15,6 +15,7 @@ Runs already finished in --work are reused (each pre-training run resumes from i
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -54,6 +55,7 @@ def pretrain_overrides(b: dict[str, Any], seed: int, out: Path) -> list[str]:
             "data.root=" + fmnist_root()]
 
 
+@functools.cache
 def fmnist_root() -> str:
     return subprocess.run(["bash", str(REPO / "scripts" / "get_fashion_mnist.sh")], capture_output=True,
                           text=True, check=True).stdout.strip().splitlines()[-1]

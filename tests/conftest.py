@@ -40,3 +40,14 @@ def tiny_cfg(tmp_path):
         return load_config(None, tiny_overrides(tmp_path, *extra))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one intra-op thread, and far faster on busy shared cores (no thrashing)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

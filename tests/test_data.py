@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import gzip
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
+from cmim.config import DataConfig
 from cmim.data import (
     CIFAR,
     NUM_PARAMS,
@@ -38,24 +40,11 @@ from cmim.data import augment as A
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 
-@dataclass
-class DataCfg:
-    name: str = "synthetic"
-    root: str | None = None
-    img_size: int = 16
-    in_chans: int = 1
-    mean: tuple[float, ...] = (0.5,)
-    std: tuple[float, ...] = (0.25,)
-    crop_scale: tuple[float, float] = (0.3, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    interpolation: str = "bicubic"
-    hflip_prob: float = 0.5
-    eval_crop_pct: float = 1.0
-    synthetic_size: int = 64
-    synthetic_classes: int = 4
-    subset: int | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
+def DataCfg(**overrides: Any) -> DictConfig:
+    """The project's DataConfig with small test defaults (16 px synthetic, 1 channel)."""
+    small = dict(name="synthetic", img_size=16, in_chans=1, mean=[0.5], std=[0.25], crop_scale=[0.3, 1.0],
+                 eval_crop_pct=1.0, synthetic_size=64, num_workers=0)
+    return OmegaConf.structured(DataConfig(**{**small, **overrides}))
 
 
 def grid_mask(rng: np.random.Generator) -> np.ndarray:

@@ -25,13 +25,7 @@ from cmim.eval.run import open_source, run_eval, summary_line
 EVAL = ["data.synthetic_size=128", "data.num_workers=0", "precision=fp32", "batch_size=64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster on busy shared cores (no thrashing)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ key surgery, and the same features as cmim's own encoder; for ViT and Beit, from
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -22,16 +21,7 @@ from cmim.eval.run import open_source, run_eval
 from cmim.export import export_encoder
 from cmim.models import MaskedEncoder
 
-HAS_MIMCO = importlib.util.find_spec("cmim.methods.mimco") is not None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster on busy shared cores (no thrashing)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(root: Path, *extra: str) -> Path:
@@ -41,16 +31,15 @@ def _train(root: Path, *extra: str) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """ConMIM runs for a ViT and a Beit backbone, and MimCo runs taught by them (when MimCo exists)."""
+    """ConMIM runs for a ViT and a Beit backbone, and MimCo runs taught by them."""
     root = tmp_path_factory.mktemp("export")
     out = {
         "conmim-vit": _train(root / "cv"),
         "conmim-beit": _train(root / "cb", "model.family=beit", "model.layer_scale_init=0.1"),
     }
-    if HAS_MIMCO:
-        out["mimco-vit"] = _train(root / "mv", "method=mimco", f"mimco.teacher={out['conmim-vit']}")
-        out["mimco-beit"] = _train(root / "mb", "method=mimco", "model.family=beit",
-                                   f"mimco.teacher={out['conmim-beit']}")
+    out["mimco-vit"] = _train(root / "mv", "method=mimco", f"mimco.teacher={out['conmim-vit']}")
+    out["mimco-beit"] = _train(root / "mb", "method=mimco", "model.family=beit",
+                               f"mimco.teacher={out['conmim-beit']}")
     return out
 
 
@@ -59,8 +48,6 @@ CASES = ["conmim-vit", "conmim-beit", "mimco-vit", "mimco-beit"]
 
 @pytest.mark.parametrize("case", CASES)
 def test_export_loads_in_plain_timm_with_identical_features(case, checkpoints, tmp_path, caplog):
-    if case not in checkpoints:
-        pytest.skip("cmim.methods.mimco is not available")
     ckpt = checkpoints[case]
     out = tmp_path / "enc.safetensors"
     meta = export_encoder(ckpt, out)

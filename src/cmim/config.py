@@ -8,6 +8,7 @@ rejected by OmegaConf before any work starts; :func:`validate` then checks the r
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,21 +214,30 @@ def _one_line(e: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Schema <- recipe YAML (with ``_base_``) <- ``key=value`` overrides, then :func:`validate`."""
-    cfg = OmegaConf.structured(Config)
+def merge_config(schema: type, layers: list[Any], recipe: str | os.PathLike | None,
+                 overrides: list[str] | None, check: Callable[[DictConfig], None]) -> DictConfig:
+    """Schema <- ``layers`` (plain dicts) <- recipe YAML (with ``_base_``) <- ``key=value`` overrides, then
+    ``check``; every OmegaConf error (unknown key, wrong type, missing value) becomes one ConfigError line."""
+    cfg = OmegaConf.structured(schema)
     try:
-        if path is not None:
-            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path).resolve()))
+        for layer in layers:
+            cfg = OmegaConf.merge(cfg, layer)
+        if recipe is not None:
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(recipe).resolve()))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override must look like key=value: {bad[0]!r}")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        validate(cfg)
+        check(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
     return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Schema <- recipe YAML (with ``_base_``) <- ``key=value`` overrides, then :func:`validate`."""
+    return merge_config(Config, [], path, overrides, validate)
 
 
 def _require(cond: bool, msg: str) -> None:

@@ -119,15 +119,15 @@ class Trainer:
         ckpt = load_checkpoint(path)
         if ckpt.get("method") != self.cfg.method:
             raise CheckpointError(f"{path} was written by method {ckpt.get('method')!r}, not {self.cfg.method!r}")
+        if ckpt.get("total_steps") != self.total_steps:
+            raise CheckpointError(f"{path} was made for a {ckpt.get('total_steps')}-step run, this one has "
+                                  f"{self.total_steps} (epochs, batch size or dataset changed)")
         try:
             self.method.load_state_dict(ckpt["model"])
         except RuntimeError as e:
             first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
             raise CheckpointError(f"{path} does not fit this model configuration: {first}") from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("total_steps") != self.total_steps:
-            raise CheckpointError(f"{path} was made for a {ckpt.get('total_steps')}-step run, this one has "
-                                  f"{self.total_steps} (epochs, batch size or dataset changed)")
         self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
         self.knn_history = list(ckpt.get("knn_history", []))
         set_rng_state(ckpt["rng"])

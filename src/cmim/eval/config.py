@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from cmim.config import ConfigError, DataConfig, _one_line, _read_yaml
+from cmim.config import ConfigError, DataConfig, merge_config
 
 __all__ = ["EvalConfig", "FinetuneConfig", "KNNConfig", "LinearConfig", "load_eval_config", "validate_eval"]
 
@@ -145,20 +144,9 @@ def validate_eval(cfg: DictConfig) -> None:
 def load_eval_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None,
                      base_data: dict[str, Any] | None = None) -> DictConfig:
     """Schema <- ``base_data`` (the checkpoint's data config) <- recipe <- overrides, then validated."""
-    cfg = OmegaConf.structured(EvalConfig)
-    try:
-        if base_data:
-            # the pre-training subset is not carried over: evaluation has its own train/test subsets
-            known = set(OmegaConf.structured(DataConfig).keys()) - {"subset"}
-            cfg = OmegaConf.merge(cfg, {"data": {k: v for k, v in base_data.items() if k in known}})
-        if recipe is not None:
-            cfg = OmegaConf.merge(cfg, _read_yaml(Path(recipe).resolve()))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"override must look like key=value: {bad[0]!r}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        validate_eval(cfg)
-    except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(e)) from None
-    return cfg
+    layers = []
+    if base_data:
+        # the pre-training subset is not carried over: evaluation has its own train/test subsets
+        known = set(OmegaConf.structured(DataConfig).keys()) - {"subset"}
+        layers.append({"data": {k: v for k, v in base_data.items() if k in known}})
+    return merge_config(EvalConfig, layers, recipe, overrides, validate_eval)

@@ -50,7 +50,8 @@ class Method(nn.Module):
         """Decode the uint8 crops of a batch into the normalized, augmented views (on the batch's device)."""
         if self._view_maker is None:
             d = self.cfg.data
-            self._view_maker = ViewMaker(self.view_spec(), d.mean, d.std, d.in_chans)
+            # built on first use (view_spec needs the subclass's heads), on the device the batch lives on
+            self._view_maker = ViewMaker(self.view_spec(), d.mean, d.std, d.in_chans).to(batch["crops"].device)
         return self._view_maker(batch["crops"], batch["aug"])
 
     # --- training hooks ---------------------------------------------------------------------------------
@@ -107,11 +108,10 @@ class MomentumMethod(Method):
 
     @torch.no_grad()
     def ema_update(self, momentum: float) -> None:
-        s_params: list[Tensor] = []
-        t_params: list[Tensor] = []
-        for s_mod, t_mod in self.ema_pairs:
-            s_params += [p.detach() for p in s_mod.parameters()]
-            t_params += list(t_mod.parameters())
+        # Parameter lists are gathered on every call: cheap next to the step, and always current after
+        # modules are replaced (global BatchNorm conversion) or moved.
+        s_params = [p.detach() for s_mod, _ in self.ema_pairs for p in s_mod.parameters()]
+        t_params = [p for _, t_mod in self.ema_pairs for p in t_mod.parameters()]
         if momentum == 0.0:
             torch._foreach_copy_(t_params, s_params)
         else:
