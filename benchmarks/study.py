@@ -1,15 +1,18 @@
 """Small-scale study on Fashion-MNIST: does contrast help masked image modeling, as the papers claim?
 
-Rows: random init, SimMIM (pixels), ConMIM, ConMIM with both views weak, ConMIM without EMA (teacher =
-student under stop-gradient), MoCo v3, MimCo (with that seed's MoCo v3 teacher). Every pre-training run gets
-the same budget in *epochs* over the same data subset, the same backbone, batch, masking and optimizer; each
-is evaluated by k-NN, a linear probe on cached features and a short fine-tuning run with equal budgets.
+Rows: random init, SimMIM (per-patch normalized pixels, and raw pixels as a check), ConMIM (its EMA teacher,
+and its student), ConMIM with both views weak, ConMIM without EMA (teacher = student under stop-gradient),
+MoCo v3, MimCo (with that seed's MoCo v3 teacher).
+Every pre-training run gets the same budget in *epochs* over the same data subset, the same backbone, batch,
+masking and optimizer; each is evaluated by k-NN and a linear probe on cached features (mean-pooled patch
+tokens and CLS token) and by a short fine-tuning run with an equal budget. Claims are judged per metric with a
+two-standard-error rule over seeds.
 
-    python benchmarks/study.py                 # full study (3 seeds); writes benchmarks/RESULTS.md
-    python benchmarks/study.py --quick         # smoke run, <= 15 min on 2 cores; writes to a temp dir
+    python benchmarks/study.py                 # full study (3 seeds, ~1 h on 2 quiet cores); benchmarks/RESULTS.md
+    python benchmarks/study.py --quick         # smoke run, ~4 min on 2 cores; writes to /tmp/cmim_study_quick
     nohup python benchmarks/study.py > /tmp/study.log 2>&1 &     # the way to run the full study
 
-Runs already finished in --work are reused (each pre-training run resumes from its checkpoint).
+Runs and evaluations already finished in --work are reused, so an interrupted study picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -32,20 +35,35 @@ CONFIGS = REPO / "configs"
 ROWS: dict[str, tuple[str | None, list[str]]] = {
     "random init": (None, []),
     "SimMIM": ("conmim_fmnist_cpu.yaml", ["method=simmim"]),
+    "SimMIM, raw pixels": ("conmim_fmnist_cpu.yaml", ["method=simmim", "simmim.norm_pix=false"]),
     "ConMIM": ("conmim_fmnist_cpu.yaml", []),
     "ConMIM, both views weak": ("conmim_fmnist_cpu.yaml", ["conmim.teacher_view=none"]),
     "ConMIM, no EMA": ("conmim_fmnist_cpu.yaml", ["conmim.momentum=0", "conmim.momentum_final=0"]),
     "MoCo v3": ("mocov3_fmnist_cpu.yaml", []),
     "MimCo (MoCo v3 teacher)": ("mimco_fmnist_cpu.yaml", []),
 }
-SLUG = {name: name.split(" (")[0].lower().replace(", ", "-").replace(" ", "-") for name in ROWS}
+# evaluated row -> (pre-training row whose checkpoint it reads, encoder); random init: the ConMIM run's
+# architecture with fresh weights. ConMIM and MoCo v3 are evaluated by their EMA teacher, as the references
+# fine-tune it; "ConMIM, student" shows what the online network learned in the same run.
+EVALS: dict[str, tuple[str, str]] = {
+    "random init": ("ConMIM", "teacher"),
+    "SimMIM": ("SimMIM", "student"),
+    "SimMIM, raw pixels": ("SimMIM, raw pixels", "student"),
+    "ConMIM": ("ConMIM", "teacher"),
+    "ConMIM, student": ("ConMIM", "student"),
+    "ConMIM, both views weak": ("ConMIM, both views weak", "teacher"),
+    "ConMIM, no EMA": ("ConMIM, no EMA", "teacher"),
+    "MoCo v3": ("MoCo v3", "teacher"),
+    "MimCo (MoCo v3 teacher)": ("MimCo (MoCo v3 teacher)", "student"),
+}
+SLUG = {name: name.split(" (")[0].lower().replace(", ", "-").replace(" ", "-") for name in EVALS}
 
 
 def budget(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(subset=4000, epochs=1, knn_train=4000, knn_test=1000, ft_subset=2000, ft_epochs=1,
                     lin_epochs=20, seeds=[0])
-    return dict(subset=10000, epochs=2, knn_train=10000, knn_test=2000, ft_subset=3000, ft_epochs=2,
+    return dict(subset=20000, epochs=2, knn_train=20000, knn_test=10000, ft_subset=10000, ft_epochs=3,
                 lin_epochs=30, seeds=[0, 1, 2])
 
 
@@ -79,26 +97,28 @@ def run_pretrain(recipe: str, overrides: list[str], out: Path, log) -> dict[str,
     return s
 
 
-# The pooled feature each row is probed with: the one its method trains (MoCo v3 and MimCo's image loss train
-# the CLS token; ConMIM and SimMIM train patch tokens, and their references fine-tune with mean pooling).
-FEATURE = {name: ("cls" if name.startswith(("MoCo", "MimCo")) else "mean") for name in ROWS}
+# The pooled feature each method trains (MoCo v3 and MimCo's image loss train the CLS token; ConMIM and SimMIM
+# train patch tokens, and their references fine-tune with mean pooling). k-NN and the linear probe are run on
+# both features for every row, so that every comparison can also be made like for like.
+FEATURE = {name: ("cls" if name.startswith(("MoCo", "MimCo")) else "mean") for name in EVALS}
+PROBES = ["knn_mean", "knn_cls", "linear_mean", "linear_cls"]
+METRICS = [*PROBES, "finetune"]
 
 
-def evaluate(ckpt: Path, b: dict[str, Any], seed: int, random_init: bool, encoder: str,
-             feature: str) -> dict[str, float]:
+def evaluate(ckpt: Path, b: dict[str, Any], seed: int, random_init: bool, encoder: str) -> dict[str, float]:
     from cmim.eval.run import open_source, run_eval
 
-    common = [f"encoder={encoder}", f"seed={seed}", "data.root=" + fmnist_root(), "data.subset=null",
-              f"feature={feature}"]
+    common = [f"encoder={encoder}", f"seed={seed}", "data.root=" + fmnist_root(), "data.subset=null"]
     if random_init:
         common.append("init=random")
     out: dict[str, float] = {}
-    knn_ov = [*common, f"train_subset={b['knn_train']}", f"test_subset={b['knn_test']}"]
     recipe = CONFIGS / "eval_fmnist_cpu.yaml"
-    src, cfg = open_source(ckpt, recipe, knn_ov)
-    out["knn"] = run_eval("knn", src, cfg, write=False)["top1"]
-    src, cfg = open_source(ckpt, recipe, [*knn_ov, f"linear.epochs={b['lin_epochs']}"])
-    out["linear"] = run_eval("linear", src, cfg, write=False)["top1"]
+    for feature in ("mean", "cls"):
+        knn_ov = [*common, f"feature={feature}", f"train_subset={b['knn_train']}", f"test_subset={b['knn_test']}"]
+        src, cfg = open_source(ckpt, recipe, knn_ov)
+        out[f"knn_{feature}"] = run_eval("knn", src, cfg, write=False)["top1"]
+        src, cfg = open_source(ckpt, recipe, [*knn_ov, f"linear.epochs={b['lin_epochs']}"])
+        out[f"linear_{feature}"] = run_eval("linear", src, cfg, write=False)["top1"]
     ft_ov = [*common, f"train_subset={b['ft_subset']}", f"test_subset={b['knn_test']}",
              f"finetune.epochs={b['ft_epochs']}"]
     src, cfg = open_source(ckpt, CONFIGS / "finetune_fmnist_cpu.yaml", ft_ov)
@@ -119,20 +139,23 @@ def fmt(xs: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {sd:.{digits}f}" if len(xs) > 1 else f"{m:.{digits}f}"
 
 
-def verdict(a: list[float], b: list[float], what: str) -> tuple[str, str]:
-    """'held' when the mean gap exceeds twice its standard error (and the sign is right), 'did not hold' when
-    it is that far the other way, else 'inconclusive'. Returns (verdict, numbers)."""
+def verdict(a: list[float], b: list[float]) -> tuple[str, float, float]:
+    """(verdict, gap, 2·SE): 'held' when mean(a) - mean(b) exceeds twice its standard error, 'did not hold' when
+    it is that far the other way, else 'inconclusive' (always, with a single seed)."""
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     gap = ma - mb
     se = math.sqrt(sa**2 / len(a) + sb**2 / len(b)) if len(a) > 1 and len(b) > 1 else 0.0
-    nums = f"{what}: {ma:.2f} vs {mb:.2f} (gap {gap:+.2f}, 2·SE {2 * se:.2f}, n={len(a)})"
     if se == 0.0:
-        return ("inconclusive (one seed)" if abs(gap) > 0 else "inconclusive"), nums
+        return ("inconclusive (one seed)" if min(len(a), len(b)) < 2 else "inconclusive"), gap, 0.0
     if gap > 2 * se:
-        return "held", nums
+        return "held", gap, 2 * se
     if gap < -2 * se:
-        return "did not hold", nums
-    return "inconclusive", nums
+        return "did not hold", gap, 2 * se
+    return "inconclusive", gap, 2 * se
+
+
+LABEL = {"knn_mean": "k-NN, mean", "knn_cls": "k-NN, CLS", "linear_mean": "linear, mean",
+         "linear_cls": "linear, CLS", "finetune": "fine-tune"}
 
 
 def plot(results: dict[str, dict[str, list[float]]], path: Path) -> None:
@@ -141,69 +164,91 @@ def plot(results: dict[str, dict[str, list[float]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ["knn", "linear", "finetune"]
     names = list(results)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=False)
-    for ax, metric in zip(axes, metrics):
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 0.45 * len(names) + 1.6))
+    for ax, metric in zip(axes, METRICS):
         means = [mean_std(results[n][metric])[0] if results[n][metric] else 0 for n in names]
         stds = [mean_std(results[n][metric])[1] if results[n][metric] else 0 for n in names]
         ax.barh(names, means, xerr=stds, color=["#999"] + ["#4c72b0"] * (len(names) - 1))
         lo = min(m for m in means if m > 0) - 5
-        ax.set_xlim(max(0, lo), min(100, max(means) + 3))
-        ax.set_title(f"{metric} top-1 (%)")
+        ax.set_xlim(max(0, lo), min(100, max(m + s for m, s in zip(means, stds)) + 4))
+        ax.set_title(f"{LABEL[metric]} top-1 (%)")
         ax.invert_yaxis()
-        for i, (m, s) in enumerate(zip(means, stds)):
-            ax.text(m + s + 0.2, i, f"{m:.1f}", va="center", fontsize=8)
+        if ax is not axes[0]:
+            ax.set_yticklabels([])
+        for i, (m, sd) in enumerate(zip(means, stds)):
+            ax.text(m + sd + 0.2, i, f"{m:.1f}", va="center", fontsize=8)
     fig.suptitle("Fashion-MNIST, equal pre-training epochs, mean ± std over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_results(results, timing, b, args, total_seconds, out_md: Path, notes: Path) -> None:
+# (claim, its source, row a, row b, metrics): "a beats b" on each metric
+CLAIMS = [
+    ("ConMIM beats pixel MIM (SimMIM)", "ConMIM Tab. 1", "ConMIM", "SimMIM",
+     ["finetune", "knn_mean", "linear_mean"]),
+    ("The strong teacher view helps", "ConMIM ablation", "ConMIM", "ConMIM, both views weak",
+     ["finetune", "knn_mean", "linear_mean"]),
+    ("The slowly progressing (EMA) teacher helps", "ConMIM ablation", "ConMIM", "ConMIM, no EMA",
+     ["finetune", "knn_mean", "linear_mean"]),
+    ("A contrastive teacher makes MIM features more linearly separable", "MimCo", "MimCo (MoCo v3 teacher)",
+     "SimMIM", ["linear_cls", "linear_mean", "knn_cls", "knn_mean"]),
+    ("MimCo's student ends above its contrastive teacher", "MimCo", "MimCo (MoCo v3 teacher)", "MoCo v3",
+     ["finetune", "linear_cls", "knn_cls"]),
+    ("Sanity: ConMIM pre-training beats random init", "-", "ConMIM", "random init",
+     ["finetune", "knn_mean", "linear_mean"]),
+    ("Sanity: SimMIM pre-training beats random init", "-", "SimMIM", "random init",
+     ["finetune", "knn_mean", "linear_mean"]),
+    ("Sanity: MoCo v3 pre-training beats random init", "-", "MoCo v3", "random init",
+     ["finetune", "knn_cls", "linear_cls"]),
+]
+
+
+def write_results(results, timing, b, args, spent: dict[str, float], out_md: Path, notes: Path) -> None:
+    n_seeds = max(len(r["finetune"]) for r in results.values())
+    total = (spent["pretrain"] + spent["eval"]) / 60
     lines = ["# Small-scale study: does contrast help MIM? (Fashion-MNIST, CPU)", ""]
-    lines += [f"Made by `python benchmarks/study.py{' --quick' if args.quick else ''}` in "
-              f"{total_seconds / 60:.1f} min on {machine()}.", ""]
-    lines += [f"Budget (equal **epochs** for every method): {b['epochs']} epochs over the first {b['subset']} "
-              f"Fashion-MNIST training images, the ConMIM CPU recipe's backbone (ViT, 128 wide, 4 blocks, 4 px "
-              f"patches on 28x28), batch, masking and optimizer; seeds {b['seeds']}. Evaluation on the test split: "
-              f"k-NN (k=20, {b['knn_train']} train / {b['knn_test']} test images; the EMA teacher for ConMIM and "
-              f"MoCo v3, the trained student for SimMIM and MimCo), linear probe (BN + linear on cached features, "
-              f"{b['lin_epochs']} epochs), fine-tuning ({b['ft_epochs']} epoch on {b['ft_subset']} images, "
-              f"`configs/finetune_fmnist_cpu.yaml`, {b['knn_test']} test images).", ""]
-    lines += ["| method | probed feature | k-NN top-1 | linear top-1 | fine-tune top-1 | pre-train img/s | "
-              "pre-train time (s) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"Made by `python benchmarks/study.py{' --quick' if args.quick else ''}` on {machine()}: "
+              f"{n_seeds} of {len(b['seeds'])} seeds, {total:.0f} min in all ({spent['pretrain'] / 60:.0f} min "
+              f"pre-training, {spent['eval'] / 60:.0f} min evaluation; wall-clock of each run, summed).", ""]
+    steps = b["subset"] * b["epochs"] // 256
+    lines += [f"**Budget: equal epochs** for every method: {b['epochs']} epochs over the first {b['subset']} "
+              f"Fashion-MNIST training images ({steps} steps of 256), the same backbone (ViT, 128 wide, 4 blocks, "
+              f"4 heads, 4 px patches on 28x28), batch, masking (random 50%) and AdamW; each method's own recipe "
+              f"for the rest (`configs/*_fmnist_cpu.yaml`). Seeds {b['seeds']} (seed = pre-training seed = "
+              f"evaluation seed). Evaluation on the test split: k-NN (k=20, {b['knn_train']} train / "
+              f"{b['knn_test']} test images) and linear probe (BN + linear on cached features, {b['lin_epochs']} "
+              f"epochs), each on the mean of the patch tokens and on the CLS token; fine-tuning "
+              f"({b['ft_epochs']} epochs on {b['ft_subset']} train images, `configs/finetune_fmnist_cpu.yaml`: "
+              f"mean pooling, Mixup, RandAugment, layer decay; {b['knn_test']} test images). The evaluated "
+              f"encoder is the EMA teacher for ConMIM and MoCo v3 (what the references fine-tune) and the student "
+              f"for SimMIM and MimCo; the row *ConMIM, student* evaluates the ConMIM run's student. The feature "
+              f"each method trains is in **bold**.", ""]
+    lines += ["| method | " + " | ".join(LABEL[m] for m in METRICS) + " | pre-train img/s | pre-train time (s) |",
+              "|---" * (len(METRICS) + 3) + "|"]
     for name, r in results.items():
         t = timing.get(name, {})
-        speed = fmt(t.get("img_per_s", []), 0)
+        cells = []
+        for m in METRICS:
+            cell = fmt(r[m])
+            bold = m.endswith(FEATURE[name]) and cell != "-" and name != "random init"
+            cells.append(f"**{cell}**" if bold else cell)
         secs = fmt(t.get("seconds", []), 0)
         if name.startswith("MimCo") and t.get("teacher_seconds"):
             secs += f" (+ teacher {fmt(t['teacher_seconds'], 0)})"
-        lines.append(f"| {name} | {FEATURE[name]} | {fmt(r['knn'])} | {fmt(r['linear'])} | {fmt(r['finetune'])} | "
-                     f"{speed} | {secs} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(t.get('img_per_s', []), 0)} | {secs} |")
     lines += ["", "![study](study.png)", "", "## The papers' claims at this scale", ""]
-    R = results
-
-    def claim(text: str, a: str, bname: str, metric: str) -> None:
-        if R.get(a, {}).get(metric) and R.get(bname, {}).get(metric):
-            v, nums = verdict(R[a][metric], R[bname][metric], f"{a} vs {bname}, {metric}")
-            lines.append(f"- **{text}** — {v}. {nums}.")
-
-    claim("ConMIM beats pixel MIM (SimMIM) [ConMIM Tab. 1]", "ConMIM", "SimMIM", "finetune")
-    claim("ConMIM beats pixel MIM, k-NN", "ConMIM", "SimMIM", "knn")
-    claim("ConMIM beats pixel MIM, linear", "ConMIM", "SimMIM", "linear")
-    claim("The strong teacher view helps [ConMIM ablation]", "ConMIM", "ConMIM, both views weak", "finetune")
-    claim("The strong teacher view helps, k-NN", "ConMIM", "ConMIM, both views weak", "knn")
-    claim("The EMA teacher helps [ConMIM ablation]", "ConMIM", "ConMIM, no EMA", "finetune")
-    claim("The EMA teacher helps, k-NN", "ConMIM", "ConMIM, no EMA", "knn")
-    claim("A contrastive teacher makes MIM features linearly separable [MimCo]", "MimCo (MoCo v3 teacher)",
-          "SimMIM", "linear")
-    claim("MimCo's student ends above its teacher, fine-tune [MimCo]", "MimCo (MoCo v3 teacher)", "MoCo v3",
-          "finetune")
-    claim("MimCo's student ends above its teacher, linear", "MimCo (MoCo v3 teacher)", "MoCo v3", "linear")
-    claim("Pre-training beats random init (sanity), k-NN", "ConMIM", "random init", "knn")
-    lines += ["", "Verdict rule: *held* when the mean gap exceeds twice its standard error over seeds, *did not "
-              "hold* when it is that far the other way, otherwise *inconclusive*.", ""]
+    lines += ["| claim [source] | rows compared (a vs b) | metric | a | b | gap | 2·SE | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
+    for text, source, a, bname, metrics in CLAIMS:
+        for m in metrics:
+            if results.get(a, {}).get(m) and results.get(bname, {}).get(m):
+                v, gap, two_se = verdict(results[a][m], results[bname][m])
+                lines.append(f"| {text} [{source}] | {a} vs {bname} | {LABEL[m]} | {fmt(results[a][m])} | "
+                             f"{fmt(results[bname][m])} | {gap:+.2f} | {two_se:.2f} | *{v}* |")
+    lines += ["", "Verdict rule, per metric: *held* when the mean gap over seeds exceeds twice its standard error "
+              "(unpaired), *did not hold* when it is that far the other way, otherwise *inconclusive*.", ""]
     if notes.exists():
         lines += [notes.read_text().strip(), ""]
     lines += ["## Raw numbers", "", "```json", json.dumps({"results": results, "timing": timing, "budget": b},
@@ -227,7 +272,7 @@ def machine() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one seed, tiny budget (<= 15 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="one seed, tiny budget (~4 min on 2 cores)")
     ap.add_argument("--work", type=Path, default=None, help="run directory (default benchmarks/study_runs, "
                     "or /tmp/cmim_study_quick with --quick)")
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
@@ -249,8 +294,9 @@ def main() -> int:
             f.write(line + "\n")
 
     t_start = time.perf_counter()
-    results = {name: {"knn": [], "linear": [], "finetune": []} for name in ROWS}
+    results = {name: {m: [] for m in METRICS} for name in EVALS}
     timing: dict[str, dict[str, list[float]]] = {name: {} for name in ROWS}
+    spent = {"pretrain": 0.0, "eval": 0.0}  # seconds, summed over the runs (reused ones included)
     for seed in b["seeds"]:
         ckpts: dict[str, Path] = {}
         for name, (recipe, extra) in ROWS.items():
@@ -261,30 +307,29 @@ def main() -> int:
             if name.startswith("MimCo"):
                 ov.append(f"mimco.teacher={ckpts['MoCo v3']}")
             s = run_pretrain(recipe, ov, out, log)
+            spent["pretrain"] += s.get("wall_seconds", s["train_seconds"])
             ckpts[name] = out / "checkpoint.pt"
             timing[name].setdefault("img_per_s", []).append(s["img_per_s"])
             timing[name].setdefault("seconds", []).append(s["train_seconds"])
             log(f"seed {seed} {name}: pre-trained {s['steps']} steps, {s['img_per_s']:.0f} img/s, "
                 f"{s['train_seconds']:.0f} s")
         timing["MimCo (MoCo v3 teacher)"].setdefault("teacher_seconds", []).append(timing["MoCo v3"]["seconds"][-1])
-        for name in ROWS:
+        for name, (source, encoder) in EVALS.items():
             random_init = name == "random init"
-            ckpt = ckpts["ConMIM"] if random_init else ckpts[name]
-            encoder = "student" if name.startswith(("SimMIM", "MimCo")) else "teacher"
             cache = work / f"seed{seed}" / f"eval-{SLUG[name]}.json"
-            if cache.exists():
-                res = json.loads(cache.read_text())
-            else:
+            res = json.loads(cache.read_text()) if cache.exists() else None
+            if res is None or not set(METRICS) <= set(res):
                 t0 = time.perf_counter()
-                res = evaluate(ckpt, b, seed, random_init, encoder, FEATURE[name])
+                res = evaluate(ckpts[source], b, seed, random_init, encoder)
+                res["seconds"] = time.perf_counter() - t0
                 cache.write_text(json.dumps(res))
-                log(f"seed {seed} {name}: {res} ({time.perf_counter() - t0:.0f} s)")
-            for k, v in res.items():
-                results[name][k].append(v)
+                log(f"seed {seed} {name}: {res} ({res['seconds']:.0f} s)")
+            for k in METRICS:
+                results[name][k].append(res[k])
+            spent["eval"] += res.get("seconds", 0.0)
         # write after every seed, so a partial study still leaves a table
         plot(results, out_md.parent / "study.png")
-        write_results(results, timing, b, args, time.perf_counter() - t_start, out_md,
-                      REPO / "benchmarks" / "study_notes.md")
+        write_results(results, timing, b, args, spent, out_md, REPO / "benchmarks" / "study_notes.md")
         log(f"seed {seed} done; wrote {out_md}")
     log(f"study finished in {(time.perf_counter() - t_start) / 60:.1f} min")
     return 0

@@ -120,6 +120,9 @@ def test_finetune_recipe_ingredients_run(ckpt):
                                         "finetune.epochs=2", "finetune.pool=token", "test_subset=16"])
     r = run_eval("finetune", src, cfg, write=False)
     assert r["details"]["steps"] == 2 and r["features"]["feature"].startswith("fine-tuned (token")
+    # the same seed repeats exactly (Mixup and RandAugment draw from numpy's and Python's global RNGs)
+    again = run_eval("finetune", src, cfg, write=False)
+    assert again["details"]["history"][-1]["train_loss"] == r["details"]["history"][-1]["train_loss"]
 
 
 def test_randaugment_posterize_survives_zero_bits(ckpt):
