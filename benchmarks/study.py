@@ -9,7 +9,7 @@ tokens and CLS token) and by a short fine-tuning run with an equal budget. Claim
 two-standard-error rule over seeds.
 
     python benchmarks/study.py                 # full study (3 seeds, ~2 h on 2 cores); benchmarks/RESULTS.md
-    python benchmarks/study.py --quick         # smoke run, ~4 min on 2 cores; writes to /tmp/cmim_study_quick
+    python benchmarks/study.py --quick         # smoke run, ~5 min on 2 cores; writes to /tmp/cmim_study_quick
     nohup python benchmarks/study.py > /tmp/study.log 2>&1 &     # the way to run the full study
 
 Runs and evaluations already finished in --work are reused, so an interrupted study picks up where it stopped.
@@ -276,7 +276,7 @@ def machine() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one seed, tiny budget (~4 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="one seed, tiny budget (~5 min on 2 cores)")
     ap.add_argument("--work", type=Path, default=None, help="run directory (default benchmarks/study_runs, "
                     "or /tmp/cmim_study_quick with --quick)")
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
