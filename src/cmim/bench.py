@@ -159,7 +159,7 @@ class StepRunner:
 
     def __init__(self, cfg: DictConfig, device: torch.device, total_steps: int = 10_000) -> None:
         from cmim.engine.schedules import cosine_schedule
-        from cmim.engine.trainer import build_optimizer, peak_lr, to_device
+        from cmim.engine.trainer import build_optimizer, optimizer_update, peak_lr, to_device
         from cmim.methods import build_method
 
         t = cfg.train
@@ -169,6 +169,7 @@ class StepRunner:
         self.method.train()
         self.optimizer = build_optimizer(self.method, cfg, device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._update = optimizer_update  # the trainer's clip + step + zero_grad
         self.accum = int(t.accum_steps)
         self.micro = t.batch_size // self.accum
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
@@ -189,10 +190,7 @@ class StepRunner:
                 out = forward(batch)
             (out["loss"] / self.accum).backward()
             self.loss += out["loss"].detach()
-        if self.cfg.optim.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._update(self.optimizer, self.params, self.cfg.optim.clip_grad)
         self.step += 1
         self.method.after_step(self.step, self.total_steps)
 

@@ -51,6 +51,18 @@ def build_optimizer(method: Method, cfg: DictConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 
 
+def optimizer_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                     clip_grad: float | None) -> torch.Tensor | None:
+    """Clip (when set), step, clear the gradients; the gradient norm before clipping, or None. Shared by the
+    trainer and ``cmim bench``, so the benchmark times exactly the training step."""
+    grad_norm = None
+    if clip_grad is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -203,11 +215,7 @@ class Trainer:
                     for k, v in out.items():  # other scalars the method reports (e.g. loss_patch)
                         if k != "loss" and torch.is_tensor(v) and v.ndim == 0:
                             extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().float() / t.accum_steps
-                grad_norm = None
-                if cfg.optim.clip_grad is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad, foreach=True)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_update(self.optimizer, params, cfg.optim.clip_grad)
                 self.step += 1
                 self.step_in_epoch += 1
                 extra = self.method.after_step(self.step, self.total_steps)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from cmim.eval.knn import extract_features, first_n
 from cmim.eval.loading import EncoderSource
 
 __all__ = [
+    "seed_augmentation",
     "TransformDataset",
     "base_train_dataset",
     "cache_dir",
@@ -102,6 +104,15 @@ def num_classes_of(cfg: DictConfig) -> int:
     if n < 2:
         raise ConfigError(f"data: {cfg.data.name} at {cfg.data.root} has no class labels to evaluate with")
     return n
+
+
+def seed_augmentation(seed: int) -> None:
+    """Seed torch, numpy and Python's global generators. timm's transforms draw from Python's (in the main
+    process when num_workers=0; DataLoader workers are seeded from torch) and its Mixup from numpy's, so a
+    training run on :class:`TransformDataset` repeats exactly only when all three are seeded."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 class TransformDataset(Dataset):

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
@@ -34,6 +32,7 @@ from cmim.eval.features import (
     check_data_fits,
     eval_dataset,
     resolve_device,
+    seed_augmentation,
 )
 from cmim.eval.linear import accuracy
 from cmim.eval.loading import EncoderSource
@@ -106,11 +105,7 @@ def finetune(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str,
     ft = cfg.finetune
     check_data_fits(src, cfg.data)
     device = resolve_device(cfg.device)
-    # timm's Mixup draws from numpy's global RNG and its transforms from Python's (in the main process when
-    # num_workers=0; DataLoader workers are seeded from torch): seed all three so a run repeats exactly
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_augmentation(cfg.seed)
     model = build_finetune_model(src, ft, num_classes).to(device)
     train_ds = TransformDataset(base_train_dataset(cfg), train_transform(cfg))
     bs = min(int(ft.batch_size), len(train_ds) - len(train_ds) % 2)  # Mixup needs an even batch

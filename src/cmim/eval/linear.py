@@ -24,7 +24,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cmim.data.augment import normalize
-from cmim.eval.features import TransformDataset, base_train_dataset, eval_dataset, resolve_device
+from cmim.eval.features import (
+    TransformDataset,
+    base_train_dataset,
+    eval_dataset,
+    resolve_device,
+    seed_augmentation,
+)
 from cmim.eval.loading import EncoderSource
 from cmim.models import MaskedEncoder
 
@@ -122,7 +128,7 @@ def linear_reference(src: EncoderSource, cfg: DictConfig, num_classes: int) -> d
     """MoCo v3 / MAE linear probe: augmented images through the frozen encoder at every step."""
     lin, d = cfg.linear, cfg.data
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    seed_augmentation(cfg.seed)
     tf = create_transform(int(d.img_size), is_training=True, scale=tuple(lin.crop_scale),
                           hflip=float(lin.hflip), color_jitter=None, auto_augment=None,
                           interpolation=str(d.interpolation), mean=tuple(d.mean), std=tuple(d.std))
