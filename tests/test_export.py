@@ -78,7 +78,7 @@ def test_export_loads_in_plain_timm_with_identical_features(case, checkpoints, t
     expected = "student." if case.startswith("mimco") else "teacher."
     assert src.extra["prefix"] == expected
     if case.startswith("mimco"):
-        sd = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+        sd = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
         assert torch.equal(stored["cls_token"], sd["student.backbone.cls_token"])
 
 

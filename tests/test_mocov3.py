@@ -129,7 +129,7 @@ def test_two_process_gathered_loss_equals_single_process(tmp_path):
     # fork (as DataLoader workers do; each child runs single-threaded): no re-import of torch per process
     mp.start_processes(_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2, join=True,
                        start_method="fork")
-    got = torch.load(out_file)
+    got = torch.load(out_file, weights_only=True)
 
     m = to_double(make_method()).train()
     loss = m(make_batch(m))["loss"]

@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from cmim.config import ConfigError, load_config
+from cmim.engine.errors import TrainingError
 
 log = logging.getLogger("cmim")
 
@@ -175,6 +176,12 @@ class StepRunner:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
         self.forward = torch.compile(self.method) if t.compile else self.method
         self._lr = lambda step: cosine_schedule(step, total_steps, peak_lr(cfg), cfg.optim.min_lr, 0)
+        if t.check_memory:  # before building batches that cannot fit (the trainer's check; 2 batches kept)
+            from cmim.engine.memory import check_batch_fits
+
+            check_batch_fits(self.method, lambda n: synthetic_batches(cfg, self.method, n, 1)[0], self.autocast,
+                             self.optimizer, device, batch_size=t.batch_size, accum_steps=self.accum,
+                             data_batches=2)
         host = synthetic_batches(cfg, self.method, self.micro, 2)
         self.batches = [to_device(b, device) for b in host]
         self.step = 0
@@ -184,15 +191,18 @@ class StepRunner:
         forward = forward or self.forward
         for g in self.optimizer.param_groups:
             g["lr"] = self._lr(self.step)
+        step_loss = torch.zeros((), device=self.device)
         for a in range(self.accum):
             batch = self.batches[(self.step * self.accum + a) % len(self.batches)]
             with self.autocast:
                 out = forward(batch)
             (out["loss"] / self.accum).backward()
-            self.loss += out["loss"].detach()
-        self._update(self.optimizer, self.params, self.cfg.optim.clip_grad)
+            step_loss += out["loss"].detach()
+        # the trainer's non-finite check and skip (device flags, no host sync) are part of the timed step
+        _, ok = self._update(self.optimizer, self.params, self.cfg.optim.clip_grad, torch.isfinite(step_loss))
+        self.loss += step_loss
         self.step += 1
-        self.method.after_step(self.step, self.total_steps)
+        self.method.after_step(self.step, self.total_steps, ok)
 
     def eager_step(self) -> None:
         self.run(self.method)
@@ -395,8 +405,8 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
             peaks["bf16"].append(matmul_peak(device, torch.bfloat16, peak_sizes)["flops"])
             peaks["fp32"].append(matmul_peak(device, torch.float32, peak_sizes)["flops"])
 
+    runner = StepRunner(cfg, device)  # first: it refuses a batch that cannot fit before any timing
     measure_peaks()
-    runner = StepRunner(cfg, device)
     p = sum(x.numel() for x in runner.params)
     res["trainable_params_m"] = p / 1e6
     for _ in range(max(1, warmup)):
@@ -409,7 +419,7 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
     per_round = [_timeit(runner.run, device, 1, steps)[0] for _ in range(max(1, rounds))]
     loss = (runner.loss / max(1, runner.step * runner.accum)).item()
     if not math.isfinite(loss):
-        raise FloatingPointError(f"bench: non-finite loss {loss}")
+        raise TrainingError(f"bench: non-finite loss ({loss}) on synthetic batches; the recipe diverges")
     best, med = min(per_round), statistics.median(per_round)
     res.update(step_s_best=best, step_s_median=med, img_per_s=t.batch_size / best,
                img_per_s_median=t.batch_size / med)
@@ -476,11 +486,18 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg, replaced = load_bench_config(args.config, list(args.overrides), args.teacher_recipe)
     source = "jpeg" if replaced and args.data_source == "auto" else args.data_source
-    res = run_bench(cfg, steps=args.steps, warmup=args.warmup, rounds=args.rounds, data_items=args.data_items,
-                    data_source=source, peak=not args.no_peak,
-                    peak_sizes=[int(n) for n in args.peak_sizes.split(",")] if args.peak_sizes else None,
-                    profile_steps=args.profile,
-                    profile_rows=args.profile_rows)
+    try:
+        res = run_bench(cfg, steps=args.steps, warmup=args.warmup, rounds=args.rounds, data_items=args.data_items,
+                        data_source=source, peak=not args.no_peak,
+                        peak_sizes=[int(n) for n in args.peak_sizes.split(",")] if args.peak_sizes else None,
+                        profile_steps=args.profile,
+                        profile_rows=args.profile_rows)
+    except torch.OutOfMemoryError:
+        from cmim.engine.distributed import resolve_device
+        from cmim.engine.memory import out_of_memory_error
+
+        raise out_of_memory_error(resolve_device(cfg.train.device), cfg.train.batch_size,
+                                  cfg.train.accum_steps) from None
     prof = res.pop("profile", None)
     if prof:
         print(prof)

@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 from cmim.config import ConfigError, load_config
 from cmim.engine.checkpoint import CheckpointError
+from cmim.engine.errors import TrainingError
 
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError)
 
 # sub-command -> module with `add_parser(subparsers)`; each sets `func` on its parser.
 COMMAND_MODULES: dict[str, str] = {}
@@ -45,18 +46,24 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def print_pretrain_summary(summary: dict) -> None:
+    """The run in one or two lines; unreadable images skipped are named on the last one, where users look."""
     knn = summary.get("knn") or []
     speed = summary.get("img_per_s")
-    print(f"cmim: {summary['method']} finished {summary['steps']}/{summary['total_steps']} steps"
-          + (f", {speed:.1f} img/s" if speed else "") + f"; checkpoint: {summary['checkpoint']}")
+    lines = [f"cmim: {summary['method']} finished {summary['steps']}/{summary['total_steps']} steps"
+             + (f", {speed:.1f} img/s" if speed else "") + f"; checkpoint: {summary['checkpoint']}"]
     if knn:
         first, last = knn[0], knn[-1]
         if first["step"] == 0 and len(knn) > 1:
-            print(f"k-NN top-1 (k={first.get('k', 20)}, {first['encoder']}, {first['feature']} features): "
-                  f"random init {first['knn_top1']:.2f}% -> pre-trained {last['knn_top1']:.2f}% "
-                  f"(epoch {last['epoch']})")
+            lines.append(f"k-NN top-1 (k={first.get('k', 20)}, {first['encoder']}, {first['feature']} features): "
+                         f"random init {first['knn_top1']:.2f}% -> pre-trained {last['knn_top1']:.2f}% "
+                         f"(epoch {last['epoch']})")
         else:
-            print(f"k-NN top-1: {last['knn_top1']:.2f}% at epoch {last['epoch']}")
+            lines.append(f"k-NN top-1: {last['knn_top1']:.2f}% at epoch {last['epoch']}")
+    n_skipped = int(summary.get("skipped_images") or 0)
+    if n_skipped:
+        lines[-1] += (f"; {n_skipped} unreadable image{'s' if n_skipped != 1 else ''} skipped "
+                      f"(listed in {summary.get('skipped_list')})")
+    print("\n".join(lines))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -63,6 +63,16 @@ class DataConfig:
     synthetic_classes: int = 4
     subset: int | None = None
     num_workers: int = 4
+    # folder images whose header declares more pixels are skipped (and listed), never decoded; null: no limit.
+    # The default is PIL's own limit, above which PIL would print a DecompressionBombWarning per image.
+    max_image_pixels: int | None = 89_478_485
+    # transparent pixels (alpha, palette or tRNS transparency) are composited over this RGB colour. White:
+    # most images with alpha (product photos, icons, logos) are made to be shown on a white page.
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    # folder only: > 0 splits data.root itself (no train/val sub-folders needed), class-stratified and stable
+    # per file (cmim.data.datasets.held_out_mask); split names "train" and "val"/"test" then name the parts.
+    val_fraction: float = 0.0
+    split_seed: int = 0  # seed of that split's hash (kept with the checkpoint, so evals see the same split)
 
 
 @dataclass
@@ -100,6 +110,11 @@ class TrainConfig:
     ckpt_every_steps: int = 0  # 0: only at epoch ends
     log_every_steps: int = 20
     max_steps: int | None = None  # stop early (schedules still span all epochs): smoke runs and tests
+    # A step whose loss or gradient norm is NaN/inf is skipped (weights, AdamW state and EMA teachers stay as
+    # they were) and counted (`nonfinite_steps` in metrics and summary.json); after this many in a row the run
+    # stops with an error naming the last good checkpoint (checked on logging and checkpoint steps).
+    max_nonfinite_steps: int = 20
+    check_memory: bool = True  # estimate a step's memory first; refuse a batch that cannot fit (cmim.engine.memory)
     sync_bn: bool = True  # SyncBatchNorm in heads for multi-process runs
     compile: bool = False  # torch.compile the method's forward
     progress: bool = True
@@ -245,6 +260,21 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def validate_data_input(d: DictConfig) -> None:
+    """The data keys about what users feed as image folders (shared by pre-training and eval configs)."""
+    _require(d.max_image_pixels is None or d.max_image_pixels > 0, "data.max_image_pixels: must be positive or null")
+    _require(len(d.background) == 3 and all(0 <= v <= 255 for v in d.background),
+             f"data.background: need 3 values in 0..255 (an RGB colour), got {list(d.background)}")
+    _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    if d.val_fraction > 0 and d.name == "folder":
+        _require(d.train_split == "train",
+                 f"data.train_split: must be 'train' with data.val_fraction > 0 (the split's part), "
+                 f"got {d.train_split!r}")
+        _require(d.eval_split in ("val", "test"),
+                 f"data.eval_split: must be 'val' or 'test' with data.val_fraction > 0 (the held-out part), "
+                 f"got {d.eval_split!r}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check relations between values; raise ConfigError with one line naming the key."""
     m, d, mk, o, t = cfg.model, cfg.data, cfg.mask, cfg.optim, cfg.train
@@ -271,6 +301,9 @@ def validate(cfg: DictConfig) -> None:
     _require(0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob: must be in [0, 1]")
     _require(0.0 < d.eval_crop_pct <= 1.0, "data.eval_crop_pct: must be in (0, 1]")
     _require(d.num_workers >= 0, "data.num_workers: must be >= 0")
+    validate_data_input(d)
+    _require(d.val_fraction == 0 or d.name == "folder",
+             f"data.val_fraction: only splits data.name=folder, not {d.name} (which has its own splits)")
     if d.name != "synthetic":
         if d.root is not None:
             _require(Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
@@ -297,13 +330,15 @@ def validate(cfg: DictConfig) -> None:
     _require(t.precision in ("bf16", "fp32"), f"train.precision: must be bf16 or fp32, got {t.precision!r}")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device: must be auto, cpu or cuda, got {t.device!r}")
     _require(t.max_steps is None or t.max_steps > 0, "train.max_steps: must be positive or null")
+    _require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
     _require(t.ckpt_every_steps >= 0 and t.log_every_steps > 0, "train.ckpt_every_steps/log_every_steps: invalid")
     if t.resume not in (None, "auto"):
         _require(Path(t.resume).is_file(), f"train.resume: checkpoint not found: {t.resume}")
     mon = cfg.monitor
     _require(mon.every_epochs >= 0, "monitor.every_epochs: must be >= 0")
     _require(mon.encoder in ("teacher", "student"), "monitor.encoder: must be teacher or student")
-    _require(mon.feature in ("mean", "cls"), "monitor.feature: must be mean or cls")
+    _require(mon.feature in ("mean", "cls") or (mon.feature.startswith("grid") and mon.feature[4:].isdigit()),
+             "monitor.feature: must be mean, cls or gridG (e.g. grid2)")
     _require(mon.k >= 1 and mon.temperature > 0, "monitor.k/temperature: must be positive")
     for name in ("conmim", "mocov3"):
         sec = cfg[name]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cmim.config import ConfigError
-from cmim.engine.checkpoint import CheckpointError
+from cmim.engine.checkpoint import CheckpointError, UnsafeCheckpointError
 
 __all__ = ["add_parser", "draw_pictures", "write_report"]
 
@@ -76,6 +76,8 @@ def draw_pictures(run_dir: Path, refresh: bool = False, overrides: list[str] | N
                 plot_patch_similarity(sources, images, text, mean, std, viz / "patches.png")
             if "attention" in wanted:
                 plot_attention(sources, images, text, mean, std, viz / "attention.png")
+    except UnsafeCheckpointError:
+        raise  # a file that would run code is an error to report loudly, not a picture to skip
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         notes.append(f"encoder pictures skipped: {e}")
     return notes

@@ -19,7 +19,9 @@ from cmim.data.datasets import (
     SubsetDataset,
     SyntheticDataset,
     build_base_dataset,
+    held_out_mask,
     scan_unreadable,
+    skip_report,
 )
 from cmim.data.views import (
     EvalDataset,
@@ -49,7 +51,9 @@ __all__ = [
     "build_base_dataset",
     "build_eval_dataset",
     "build_pretrain_dataset",
+    "held_out_mask",
     "normalize",
     "sample_photometric_params",
     "scan_unreadable",
+    "skip_report",
 ]

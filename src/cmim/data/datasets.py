@@ -1,19 +1,24 @@
 """Base image datasets: items are ``(image, label)`` with no augmentation.
 
 In-memory sets (Fashion-MNIST, CIFAR, synthetic) return uint8 numpy arrays (H, W) or (H, W, 3) so the
-view pipeline can skip any decoding; folder sets return PIL images already converted to ``"L"``/``"RGB"``.
-Every dataset delivers exactly ``in_chans`` channels, so downstream code never converts modes.
+view pipeline can skip any decoding; folder sets return PIL images already converted to ``"L"``/``"RGB"``
+(transparency composited over ``data.background``). Every dataset delivers exactly ``in_chans`` channels,
+so downstream code never converts modes. Unreadable or oversized files of a folder are skipped and
+recorded, never fatal (:class:`ImageFolderDataset`, :func:`skip_report`).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import math
 import os
 import pickle
+import threading
+import weakref
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +28,27 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 __all__ = [
+    "DEFAULT_BACKGROUND",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "IMG_EXTENSIONS",
     "CIFAR",
     "BaseImageDataset",
     "FashionMNIST",
     "ImageFolderDataset",
+    "ImageTooLarge",
     "SubsetDataset",
     "SyntheticDataset",
+    "all_reduce_skips",
     "build_base_dataset",
+    "composite_on",
+    "convert_mode",
+    "held_out_mask",
     "load_image",
+    "read_skip_list",
     "scan_unreadable",
+    "skip_report",
+    "skipped_files",
+    "write_skip_list",
 ]
 
 log = logging.getLogger(__name__)
@@ -203,6 +219,19 @@ class CIFAR(_ArrayDataset):
 # Image folders
 # ----------------------------------------------------------------------------------------------------
 
+# PIL's own default (1024 * 1024 * 1024 // 4 // 3): a 3-channel 8-bit image of 256 MiB.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Transparent pixels become this colour: most images with alpha (product photos, icons, logos) are made to
+# be shown on a white page, so white keeps them looking as intended; black would turn them into silhouettes.
+DEFAULT_BACKGROUND = (255, 255, 255)
+_ALPHA_MODES = ("RGBA", "LA", "RGBa", "La", "PA")
+# guards the temporary change of PIL's process-wide pixel limit (threads sharing one process)
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+class ImageTooLarge(ValueError):
+    """The image header declares more pixels than ``data.max_image_pixels``; nothing was decoded."""
+
 
 def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
     """Rescale I;16 / I / F images to 8-bit "L" (PIL's own conversion clips everything above 255)."""
@@ -216,32 +245,82 @@ def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 
 
-def convert_mode(im: Image.Image, in_chans: int) -> Image.Image:
-    """Convert any PIL mode to "L" (in_chans=1) or "RGB" (in_chans=3); alpha is dropped, palettes expanded."""
+def has_alpha(im: Image.Image) -> bool:
+    """An alpha channel, or a transparency entry (palette index, grey level or RGB colour of a PNG tRNS)."""
+    return im.mode in _ALPHA_MODES or (im.mode in ("P", "L", "RGB") and "transparency" in im.info)
+
+
+def composite_on(im: Image.Image, background: Sequence[int] = DEFAULT_BACKGROUND) -> Image.Image:
+    """``im`` over an opaque ``background`` colour, as "RGB": transparent pixels become the background
+    instead of whatever colour happens to be stored under alpha 0 (often black, or noise)."""
+    if im.mode == "La":  # premultiplied alpha converts only via "LA"
+        im = im.convert("LA")
+    rgba = im.convert("RGBA")  # also un-premultiplies "RGBa" and applies palette / tRNS transparency
+    bg = Image.new("RGBA", rgba.size, (*(int(v) for v in background), 255))
+    return Image.alpha_composite(bg, rgba).convert("RGB")
+
+
+def convert_mode(im: Image.Image, in_chans: int, background: Sequence[int] = DEFAULT_BACKGROUND) -> Image.Image:
+    """Convert any PIL mode to "L" (in_chans=1) or "RGB" (in_chans=3).
+
+    Transparency (RGBA, LA, PA, premultiplied RGBa/La, palette or tRNS transparency) is composited over
+    ``background`` first, so hidden colour under alpha 0 never reaches the model; high bit depths are
+    rescaled, palettes expanded, CMYK/YCbCr/... converted through RGB.
+    """
     target = "L" if in_chans == 1 else "RGB"
-    if im.mode == target:
+    if im.mode == target and not has_alpha(im):
         return im
     if im.mode.startswith("I") or im.mode == "F":
         im = _high_bit_depth_to_l(im)
-    elif im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif im.mode == "La":  # premultiplied alpha converts only via "LA"
-        im = im.convert("LA")
-    if im.mode in ("LA", "L", "1"):
-        im = im.convert("L")
-    elif im.mode != "RGB":
-        im = im.convert("RGB")
-    return im.convert(target) if im.mode != target else im
+    elif has_alpha(im):
+        im = composite_on(im, background)
+    elif im.mode not in ("L", "RGB", "1"):
+        im = im.convert("RGB")  # P, CMYK, YCbCr, HSV, ...
+    return im if im.mode == target else im.convert(target)
 
 
-def load_image(path: str | os.PathLike, in_chans: int) -> Image.Image:
-    """Open, fully decode (so truncated files fail here) and convert an image file."""
-    with Image.open(path) as im:
+def _open_checked(path: str | os.PathLike, max_pixels: int | None) -> Image.Image:
+    """``Image.open`` (lazy: header only) with our pixel limit instead of PIL's warning.
+
+    PIL warns (``DecompressionBombWarning``, printed for every image in every epoch) above its limit and
+    raises above twice that; we open with PIL's check off and reject over ``max_pixels`` ourselves, before
+    anything is decoded, so an oversized file is one recorded skip. When ``max_pixels`` is above PIL's limit
+    (or None), PIL's limit is raised to it for the process, else PIL would warn again on crops of the images
+    we accepted.
+    """
+    with _PIL_LIMIT_LOCK:
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        if pil_limit is not None and (max_pixels is None or max_pixels > pil_limit):
+            pil_limit = max_pixels
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+    width, height = im.size
+    if max_pixels is not None and width * height > max_pixels:
+        im.close()
+        raise ImageTooLarge(f"over data.max_image_pixels ({width} x {height})")
+    return im
+
+
+def load_image(
+    path: str | os.PathLike,
+    in_chans: int,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    background: Sequence[int] = DEFAULT_BACKGROUND,
+) -> Image.Image:
+    """Open (size checked from the header), fully decode (so truncated files fail here) and convert."""
+    with _open_checked(path, max_pixels) as im:
         im.load()
-        out = convert_mode(im, in_chans)
+        out = convert_mode(im, in_chans, background)
         if out is im:
             out = im.copy()
     return out
+
+
+def skip_reason(err: BaseException) -> str:
+    return str(err) if isinstance(err, ImageTooLarge) else f"{type(err).__name__}: {err}"
 
 
 def _list_images(folder: str) -> list[str]:
@@ -252,19 +331,55 @@ def _list_images(folder: str) -> list[str]:
     return out
 
 
+class _SkipRecord:
+    """Which files of one folder listing are unreadable: a uint8 flag per file, in shared memory."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self.flags = torch.zeros(len(paths), dtype=torch.uint8).share_memory_()
+
+
+# (real root, pixel limit) -> the record of the datasets alive over that listing (see ImageFolderDataset)
+_RECORDS: weakref.WeakValueDictionary[tuple[str, int | None], _SkipRecord] = weakref.WeakValueDictionary()
+
+
+def _shared_record(root: str, max_pixels: int | None, paths: list[str]) -> _SkipRecord:
+    key = (os.path.realpath(root), max_pixels)
+    rec = _RECORDS.get(key)
+    if rec is None or rec.paths != paths:
+        rec = _SkipRecord(paths)
+        _RECORDS[key] = rec
+    return rec
+
+
 class ImageFolderDataset(BaseImageDataset):
     """A tree of image files; class sub-folders (sorted) give labels, a flat folder gives labels -1.
 
-    Unreadable files (corrupt, truncated, not an image) never crash loading: the item falls through to
-    the next readable index ``(i + 1) % len`` and the file is recorded once (one warning per file). The
-    record is a uint8 flag per sample in *shared memory*, so files found bad inside DataLoader workers
-    (fork or spawn) are counted in the main process's :attr:`num_skipped` too, each file once, and are not
-    re-opened by later epochs.
+    Unreadable files (empty, corrupt, truncated, not an image, over ``max_image_pixels``) never crash
+    loading: the item falls through to the next readable index ``(i + 1) % len`` and the file is recorded
+    with one warning. The record is a uint8 flag per file in *shared memory*, so files found bad inside
+    DataLoader workers (fork or spawn) are counted in the main process's :attr:`num_skipped` and are not
+    re-opened by later epochs. Datasets built over the same listing in one process (the training set and
+    the k-NN monitor's copy of it) share one record, so they warn about a file once between them.
+
+    Exactly one warning per file: only the worker that was *asked* for index ``i`` records it; a worker that
+    falls through to a bad file it was not asked for skips it silently. Samplers that ask for each index
+    at most once per pass (every sampler cmim uses) therefore never race two workers on one file.
     """
 
-    def __init__(self, root: str | os.PathLike, in_chans: int = 3) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        in_chans: int = 3,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        background: Sequence[int] = DEFAULT_BACKGROUND,
+    ) -> None:
         self.root = str(root)
         self.in_chans = _check_in_chans(in_chans)
+        self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
+        self.background = tuple(int(v) for v in background)
+        if len(self.background) != 3 or not all(0 <= v <= 255 for v in self.background):
+            raise ValueError(f"background must be 3 values in 0..255, got {list(background)}")
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"image folder not found: {self.root}")
         subdirs = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
@@ -289,31 +404,52 @@ class ImageFolderDataset(BaseImageDataset):
             )
         self.paths = [p for p, _ in samples]
         self.targets = np.array([t for _, t in samples], dtype=np.int64)
-        self._bad = torch.zeros(len(samples), dtype=torch.uint8).share_memory_()
+        self._record = _shared_record(self.root, self.max_image_pixels, self.paths)
+        self._bad = self._record.flags
 
     def _mark_bad(self, index: int, err: BaseException) -> None:
         if not self._bad[index]:
-            log.warning("skipping unreadable image %s (%s: %s)", self.paths[index], type(err).__name__, err)
+            log.warning("skipping unreadable image %s (%s)", self.paths[index], skip_reason(err))
             self._bad[index] = 1
 
-    def try_load(self, index: int) -> Image.Image | None:
-        """Load sample ``index``, or record it as unreadable and return None."""
+    def load(self, index: int) -> Image.Image:
+        """Decode sample ``index`` (raises for unreadable files; records nothing)."""
+        return load_image(self.paths[index], self.in_chans, self.max_image_pixels, self.background)
+
+    def try_load(self, index: int, record: bool = True) -> Image.Image | None:
+        """Load sample ``index``, or (``record``: record it as unreadable and) return None."""
         try:
-            return load_image(self.paths[index], self.in_chans)
+            return self.load(index)
         except Exception as err:  # decoders raise many exception types for broken files
-            self._mark_bad(index, err)
+            if record:
+                self._mark_bad(index, err)
             return None
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        n = len(self.paths)
-        for k in range(n):
-            i = (index + k) % n
+    def first_readable(self, order: Iterable[int], requested: int) -> tuple[Image.Image, int]:
+        """The first readable sample of ``order``; only a failure of ``requested`` itself is recorded."""
+        for i in order:
             if self._bad[i]:
                 continue
-            img = self.try_load(i)
+            img = self.try_load(i, record=i == requested)
             if img is not None:
                 return img, int(self.targets[i])
         raise RuntimeError(f"no readable image left in {self.root}")
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        n = len(self.paths)
+        index = int(index) % n
+        return self.first_readable(((index + k) % n for k in range(n)), requested=index)
+
+    def skipped_indices(self) -> np.ndarray:
+        return torch.nonzero(self._bad).flatten().numpy()
+
+    def why_unreadable(self, index: int) -> str:
+        """The reason sample ``index`` is skipped, found again (the worker that met it kept no text)."""
+        try:
+            self.load(index)
+        except Exception as err:  # noqa: BLE001 - the reason is the message
+            return skip_reason(err)
+        return "unreadable when first loaded (reads now; a transient I/O error?)"
 
     @property
     def num_skipped(self) -> int:
@@ -321,7 +457,37 @@ class ImageFolderDataset(BaseImageDataset):
 
     @property
     def skipped_paths(self) -> list[str]:
-        return [self.paths[i] for i in torch.nonzero(self._bad).flatten().tolist()]
+        return [self.paths[i] for i in self.skipped_indices().tolist()]
+
+
+def held_out_mask(relpaths: Sequence[str], targets: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Which files form the held-out (val) part of a folder split by ``data.val_fraction``.
+
+    Rule: file ``p`` is held out when ``u(p) < fraction``, with ``u(p)`` = SHA-1 of ``f"{seed}:{p}"`` read as
+    a number in [0, 1) and ``p`` the path relative to the data root ("/"-separated). A file's side therefore
+    never changes when other files are added or removed, and each class (a label; an unlabeled folder is one
+    class) holds out approximately ``fraction`` of its files. Two corrections keep small classes usable: a
+    class of >= 2 files with no held-out file gives its lowest-``u`` file to val, and one whose files all
+    fell below the threshold keeps its highest-``u`` file for training; a single-file class is train only.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    u = np.array(
+        [int.from_bytes(hashlib.sha1(f"{seed}:{p}".encode()).digest()[:8], "big") / 2.0**64 for p in relpaths]
+    )
+    held = u < fraction
+    if fraction == 0.0:
+        return held
+    targets = np.asarray(targets)
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        if len(idx) < 2:
+            held[idx] = False
+        elif not held[idx].any():
+            held[idx[np.argmin(u[idx])]] = True
+        elif held[idx].all():
+            held[idx[np.argmax(u[idx])]] = False
+    return held
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,25 +561,42 @@ class SyntheticDataset(BaseImageDataset):
 
 
 class SubsetDataset(BaseImageDataset):
-    """A fixed selection of a base dataset's samples, keeping its metadata and skip accounting."""
+    """A fixed selection of a base dataset's samples, keeping its metadata and skip accounting.
+
+    Folder items fall through to the next readable file *of the selection*, so a train partition never
+    serves a held-out file; skip counts cover the selection's own files.
+    """
 
     def __init__(self, base: BaseImageDataset, indices: Sequence[int] | np.ndarray) -> None:
+        indices = np.asarray(indices, dtype=np.int64)
+        if isinstance(base, SubsetDataset):  # flatten, so the folder is always one level down
+            base, indices = base.base, base.indices[indices]
         self.base = base
-        self.indices = np.asarray(indices, dtype=np.int64)
+        self.indices = indices
         self.targets = base.targets[self.indices]
         self.classes = base.classes
         self.in_chans = base.in_chans
 
     def __getitem__(self, index: int) -> tuple[ImageLike, int]:
+        if isinstance(self.base, ImageFolderDataset):
+            n = len(self.indices)
+            index = int(index) % n
+            order = (int(self.indices[(index + k) % n]) for k in range(n))
+            return self.base.first_readable(order, requested=int(self.indices[index]))
         return self.base[int(self.indices[index])]
+
+    def _skipped_indices(self) -> list[int]:
+        if not isinstance(self.base, ImageFolderDataset):
+            return []
+        return sorted(set(self.base.skipped_indices().tolist()) & set(self.indices.tolist()))
 
     @property
     def num_skipped(self) -> int:
-        return self.base.num_skipped
+        return len(self._skipped_indices())
 
     @property
     def skipped_paths(self) -> list[str]:
-        return self.base.skipped_paths
+        return [self.base.paths[i] for i in self._skipped_indices()]  # type: ignore[attr-defined]
 
 
 def scan_unreadable(dataset: BaseImageDataset) -> list[str]:
@@ -432,9 +615,112 @@ def scan_unreadable(dataset: BaseImageDataset) -> list[str]:
     return sorted(set(bad))
 
 
+def _folder_parts(dataset: Any) -> tuple[ImageFolderDataset, list[int] | None] | None:
+    """The folder under any wrappers (views, Subset, SubsetDataset) and the selection of it (None: all)."""
+    obj, indices = dataset, None
+    for _ in range(8):
+        if isinstance(obj, ImageFolderDataset):
+            return obj, indices
+        if isinstance(obj, SubsetDataset):
+            sel = obj.indices.tolist()
+            indices = sel if indices is None else [sel[i] for i in indices]
+            obj = obj.base
+        elif isinstance(obj, torch.utils.data.Subset):
+            sel = [int(i) for i in obj.indices]
+            indices = sel if indices is None else [sel[i] for i in indices]
+            obj = obj.dataset
+        elif hasattr(obj, "base"):  # PretrainDataset, EvalDataset, ... : same indices as their base
+            obj = obj.base
+        else:
+            return None
+    return None
+
+
+def _skipped(datasets: Sequence[Any]) -> dict[str, tuple[ImageFolderDataset, int]]:
+    found: dict[str, tuple[ImageFolderDataset, int]] = {}
+    for ds in datasets:
+        parts = _folder_parts(ds)
+        if parts is None:
+            continue
+        base, sel = parts
+        bad = base.skipped_indices().tolist()
+        if sel is not None:
+            bad = sorted(set(bad) & set(sel))
+        for i in bad:
+            found.setdefault(base.paths[i], (base, i))
+    return found
+
+
+def skipped_files(*datasets: Any) -> list[str]:
+    """Every unreadable file met so far in ``datasets`` (through any wrappers), sorted, once each."""
+    return sorted(_skipped(datasets))
+
+
+def skip_report(*datasets: Any) -> list[tuple[str, str]]:
+    """``(path, reason)`` for :func:`skipped_files`. Reasons are found again by re-opening those files (the
+    workers that met them kept no text), so call it once, at the end of a run."""
+    return [(p, base.why_unreadable(i)) for p, (base, i) in sorted(_skipped(datasets).items())]
+
+
+def all_reduce_skips(dataset: Any, device: torch.device | str = "cpu") -> None:
+    """Multi-process runs: merge every process's skip flags into each one's (a collective: call it on all
+    processes), so the main process reports files that only another process met."""
+    import torch.distributed as dist
+
+    parts = _folder_parts(dataset)
+    if parts is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    flags = parts[0]._bad
+    merged = flags.to(device=device, dtype=torch.int32)
+    dist.all_reduce(merged, op=dist.ReduceOp.MAX)
+    flags.copy_(merged.cpu().to(torch.uint8))
+
+
+def write_skip_list(path: str | os.PathLike, items: Sequence[tuple[str, str]]) -> None:
+    """``path\\treason`` lines (the file is removed when nothing was skipped, so no stale list remains)."""
+    p = Path(path)
+    if not items:
+        p.unlink(missing_ok=True)
+        return
+    p.write_text("".join(f"{f}\t{why}\n" for f, why in items))
+
+
+def read_skip_list(path: str | os.PathLike) -> list[tuple[str, str]]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    items = []
+    for line in p.read_text().splitlines():
+        if line:
+            path_, _, why = line.partition("\t")
+            items.append((path_, why))
+    return items
+
+
 def _cfg(cfg: Any, name: str, default: Any = None) -> Any:
     value = getattr(cfg, name, default)
     return default if value is None else value
+
+
+HELD_OUT_SPLITS = ("val", "test")
+
+
+def _folder_dataset(cfg: Any, root: str, split: str, in_chans: int) -> BaseImageDataset:
+    """``root/split``, or with ``data.val_fraction > 0`` the train / held-out part of ``root`` itself."""
+    max_pixels = getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    background = _cfg(cfg, "background", DEFAULT_BACKGROUND)
+    fraction = float(_cfg(cfg, "val_fraction", 0.0))
+    if fraction <= 0.0:
+        return ImageFolderDataset(os.path.join(root, split) if split else root, in_chans, max_pixels, background)
+    if split != "train" and split not in HELD_OUT_SPLITS:
+        raise ValueError(f"with data.val_fraction > 0 the folder split is 'train' or 'val'/'test', not {split!r}")
+    ds = ImageFolderDataset(root, in_chans, max_pixels, background)
+    if "train" in ds.classes and any(s in ds.classes for s in HELD_OUT_SPLITS):
+        raise ValueError(f"data.val_fraction splits {root} itself, but it has train/ and val/ sub-folders; "
+                         "set data.val_fraction=0 to use them")
+    rel = [os.path.relpath(p, root).replace(os.sep, "/") for p in ds.paths]
+    held = held_out_mask(rel, ds.targets, fraction, int(_cfg(cfg, "split_seed", 0)))
+    return SubsetDataset(ds, np.flatnonzero(held if split in HELD_OUT_SPLITS else ~held))
 
 
 def build_base_dataset(cfg: Any, split: str) -> BaseImageDataset:
@@ -442,6 +728,8 @@ def build_base_dataset(cfg: Any, split: str) -> BaseImageDataset:
 
     ``cfg.subset`` keeps the first ``subset`` samples; for folder trees with class sub-folders (stored
     sorted by class) it keeps ``subset`` evenly spaced samples instead so every class stays represented.
+    Folders: ``split`` is a sub-folder of ``cfg.root``, except with ``cfg.val_fraction > 0``, where "train"
+    is the training part of ``cfg.root`` itself and "val"/"test" its held-out part (:func:`held_out_mask`).
     """
     name = str(cfg.name).lower()
     in_chans = int(_cfg(cfg, "in_chans", 3))
@@ -456,7 +744,7 @@ def build_base_dataset(cfg: Any, split: str) -> BaseImageDataset:
     elif name == "folder":
         if root is None:
             raise ValueError("data.root must be set for the folder dataset")
-        ds = ImageFolderDataset(os.path.join(str(root), split) if split else str(root), in_chans=in_chans)
+        ds = _folder_dataset(cfg, str(root), split, in_chans)
     elif name == "synthetic":
         seed = zlib.crc32(str(split).encode())  # different, fixed images per split
         ds = SyntheticDataset(
@@ -473,7 +761,10 @@ def build_base_dataset(cfg: Any, split: str) -> BaseImageDataset:
     subset = getattr(cfg, "subset", None)
     if subset is not None and int(subset) < len(ds):
         n, m = len(ds), int(subset)
-        if isinstance(ds, ImageFolderDataset) and ds.classes:
+        folder = isinstance(ds, ImageFolderDataset) or (
+            isinstance(ds, SubsetDataset) and isinstance(ds.base, ImageFolderDataset)
+        )
+        if folder and ds.classes:
             indices = (np.arange(m) * n) // m
         else:
             indices = np.arange(m)

@@ -14,21 +14,33 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from cmim.config import to_yaml
+from cmim.data.datasets import all_reduce_skips, read_skip_list, skip_report, write_skip_list
 from cmim.data.views import build_eval_dataset, build_pretrain_dataset
-from cmim.engine.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from cmim.engine.checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    check_resumable,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from cmim.engine.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from cmim.engine.errors import TrainingError
 from cmim.engine.logger import MetricsLogger
+from cmim.engine.memory import check_batch_fits, out_of_memory_error
 from cmim.engine.sampler import GlobalBatchSampler
 from cmim.engine.schedules import cosine_schedule
 from cmim.eval.knn import online_knn
@@ -51,16 +63,34 @@ def build_optimizer(method: Method, cfg: DictConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 
 
-def optimizer_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-                     clip_grad: float | None) -> torch.Tensor | None:
-    """Clip (when set), step, clear the gradients; the gradient norm before clipping, or None. Shared by the
-    trainer and ``cmim bench``, so the benchmark times exactly the training step."""
-    grad_norm = None
+def optimizer_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip_grad: float | None,
+                     finite: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip (when set), step unless the step is non-finite, clear the gradients. Shared by the trainer and
+    ``cmim bench``, so the benchmark times exactly the training step.
+
+    Returns ``(grad_norm, ok)``, device tensors: the gradient norm before clipping, and whether it and
+    ``finite`` (e.g. the loss is finite) hold. A step that is not ok changes nothing: parameters, AdamW moments
+    and step counters stay bit-identical. Fused AdamW (the default) skips it on the device through its
+    ``found_inf`` input (the mechanism GradScaler uses; 0 = update as usual), so no host sync is needed; the
+    unfused optimizer has no such input and reads ``ok`` on the host (a sync on CUDA).
+    """
     if clip_grad is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad, foreach=True)
-    optimizer.step()
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    ok = torch.isfinite(grad_norm)
+    if finite is not None:
+        ok = ok & finite
+    if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused: honours optimizer.found_inf
+        optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+    elif ok.item():
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, ok
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -103,6 +133,7 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.knn_history: list[dict[str, Any]] = []
+        self.nonfinite_steps = 0  # steps skipped because their loss or gradient norm was NaN/inf (whole run)
         self.logger = MetricsLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=t.tensorboard)
         self._monitor_sets: tuple[Any, Any] | None = None
 
@@ -120,6 +151,7 @@ class Trainer:
             "total_steps": self.total_steps, "world_size": self.dist.world_size,
             "rng": rng_state(), "config": to_yaml(self.cfg), "method": self.cfg.method,
             "encoder": encoder_meta(self.method), "knn_history": self.knn_history,
+            "nonfinite_steps": self.nonfinite_steps,
         }
         atomic_torch_save(state, self.checkpoint_path())
 
@@ -134,14 +166,21 @@ class Trainer:
         if ckpt.get("total_steps") != self.total_steps:
             raise CheckpointError(f"{path} was made for a {ckpt.get('total_steps')}-step run, this one has "
                                   f"{self.total_steps} (epochs, batch size or dataset changed)")
+        check_resumable(ckpt, path)  # every entry restored below is present and well-typed
         try:
             self.method.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-            raise CheckpointError(f"{path} does not fit this model configuration: {first}") from None
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            first = lines[1] if len(lines) > 1 else lines[0]
+            raise CheckpointError(f"{path} does not fit this model configuration: {first[:300]}") from None
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer: "
+                                  f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
         self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
         self.knn_history = list(ckpt.get("knn_history", []))
+        self.nonfinite_steps = int(ckpt.get("nonfinite_steps", 0))
         set_rng_state(ckpt["rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
@@ -168,6 +207,40 @@ class Trainer:
                            f"({cfg.monitor.encoder}, {cfg.monitor.feature} features, k={cfg.monitor.k})")
         barrier()
 
+    # --- robustness -------------------------------------------------------------------------------------
+    def _all_processes(self, flag: torch.Tensor) -> torch.Tensor:
+        """``flag`` on every process (a device all-reduce, no host sync): a step is skipped on all or none."""
+        if not self.dist.enabled:
+            return flag
+        x = flag.to(torch.float32)
+        tdist.all_reduce(x, op=tdist.ReduceOp.MIN)
+        return x > 0.5
+
+    def _nonfinite_error(self, worst: int, last_saved: int | None) -> TrainingError:
+        where = (f"the last good checkpoint is {self.checkpoint_path()} (step {last_saved})" if last_saved is not None
+                 else "no checkpoint was written yet")
+        return TrainingError(f"{worst} consecutive non-finite steps (NaN/inf loss or gradients) by step {self.step} "
+                             f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); stopped without "
+                             f"saving: {where}; try a lower optim.lr or optim.clip_grad")
+
+    def check_memory(self) -> None:
+        """Refuse a batch that cannot fit before building one (estimate: :mod:`cmim.engine.memory`)."""
+        t, nw = self.cfg.train, self.cfg.data.num_workers
+        in_flight = (nw * 4 if nw > 0 else 0) + 1  # the loader's prefetch (prefetch_factor 4) + the batch in use
+
+        def make_batch(n: int) -> dict[str, Any]:
+            return default_collate([self.train_set[i % len(self.train_set)] for i in range(n)])
+
+        def reduce_min(x: float) -> float:
+            return float(self._all_processes(torch.tensor(x, device=self.device) > 0.5))
+
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+        check_batch_fits(self.method, make_batch, autocast, self.optimizer, self.device,
+                         batch_size=t.batch_size, accum_steps=t.accum_steps, world_size=self.dist.world_size,
+                         data_batches=in_flight * (2 if self.device.type == "cuda" else 1),  # pinned copies
+                         processes_per_host=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                         reduce_min=reduce_min if self.dist.enabled else None)
+
     # --- training ---------------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         nw = self.cfg.data.num_workers
@@ -179,6 +252,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         resumed = self.maybe_resume()
+        if t.check_memory and self.step < self.total_steps:
+            self.check_memory()
         mon = cfg.monitor
         if not resumed and mon.every_epochs > 0 and mon.at_start and self.step == 0:
             self.run_monitor()
@@ -190,6 +265,11 @@ class Trainer:
         train_seconds = 0.0
         start_step = self.step
         self.model.train()
+        # non-finite steps: counted on the device, read on logging and checkpoint steps
+        bad_window = torch.zeros((), dtype=torch.long, device=self.device)  # skipped since the last read
+        bad_run = torch.zeros_like(bad_window)  # the current run of consecutive skipped steps
+        bad_worst = torch.zeros_like(bad_window)  # the longest such run
+        last_saved = self.step if resumed else None
         while self.epoch < t.epochs and not stop:
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
             self.train_set.set_epoch(self.epoch)
@@ -198,55 +278,85 @@ class Trainer:
                        disable=not (self.dist.is_main and t.progress), dynamic_ncols=True, leave=False)
             loss_sum = torch.zeros((), device=self.device)
             extra_sums: dict[str, torch.Tensor] = {}
-            n_in_window, t_window = 0, time.perf_counter()
+            n_in_window, n_bad_in_window, t_window = 0, 0, time.perf_counter()
             while self.step_in_epoch < self.steps_per_epoch:
                 lr = cosine_schedule(self.step, self.total_steps, base_lr, cfg.optim.min_lr, self.warmup_steps)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                for a in range(t.accum_steps):
-                    batch = to_device(next(it), self.device)
-                    last = a == t.accum_steps - 1
-                    sync = self.model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
-                    with sync:
-                        with autocast:
-                            out = self.forward(batch)
-                        (out["loss"] / t.accum_steps).backward()
-                    loss_sum += out["loss"].detach() / t.accum_steps
-                    for k, v in out.items():  # other scalars the method reports (e.g. loss_patch)
-                        if k != "loss" and torch.is_tensor(v) and v.ndim == 0:
-                            extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().float() / t.accum_steps
-                grad_norm = optimizer_update(self.optimizer, params, cfg.optim.clip_grad)
+                step_loss: torch.Tensor | None = None
+                step_extra: dict[str, torch.Tensor] = {}
+                try:
+                    for a in range(t.accum_steps):
+                        batch = to_device(next(it), self.device)
+                        last = a == t.accum_steps - 1
+                        sync = self.model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
+                        with sync:
+                            with autocast:
+                                out = self.forward(batch)
+                            (out["loss"] / t.accum_steps).backward()
+                        part = out["loss"].detach() / t.accum_steps
+                        step_loss = part if step_loss is None else step_loss + part
+                        for k, v in out.items():  # other scalars the method reports (e.g. loss_patch)
+                            if k != "loss" and torch.is_tensor(v) and v.ndim == 0:
+                                step_extra[k] = step_extra.get(k, 0.0) + v.detach().float() / t.accum_steps
+                    assert step_loss is not None
+                    grad_norm, ok = optimizer_update(self.optimizer, params, cfg.optim.clip_grad,
+                                                     finite=self._all_processes(torch.isfinite(step_loss)))
+                except torch.OutOfMemoryError:
+                    raise out_of_memory_error(self.device, t.batch_size, t.accum_steps, self.dist.world_size,
+                                              step=self.step + 1) from None
+                # a skipped step adds nothing to the means and is counted, all on the device (no sync)
+                loss_sum += torch.where(ok, step_loss, 0.0)
+                for k, v in step_extra.items():
+                    extra_sums[k] = extra_sums.get(k, 0.0) + torch.where(ok, v, 0.0)
+                bad = (~ok).long()
+                bad_window += bad
+                bad_run.mul_(1 - bad).add_(bad)  # consecutive non-finite steps, 0 after a good one
+                torch.maximum(bad_worst, bad_run, out=bad_worst)
                 self.step += 1
                 self.step_in_epoch += 1
-                extra = self.method.after_step(self.step, self.total_steps)
+                extra = self.method.after_step(self.step, self.total_steps, ok)
                 n_in_window += 1
                 bar.update(1)
                 end_of_epoch = self.step_in_epoch == self.steps_per_epoch
                 stop = t.max_steps is not None and self.step >= t.max_steps
-                if self.step % t.log_every_steps == 0 or end_of_epoch or stop:
-                    # the one host sync, on logging steps only; the mean over all processes
-                    loss = all_reduce_mean(loss_sum).item() / n_in_window
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss} at step {self.step}; stopping (last good "
-                                                 f"checkpoint: {self.checkpoint_path()})")
+                log_now = self.step % t.log_every_steps == 0 or end_of_epoch or stop
+                save_now = bool(t.ckpt_every_steps and self.step % t.ckpt_every_steps == 0) or end_of_epoch or stop
+                if log_now or save_now:
+                    # the host syncs, on logging and checkpoint steps only: how many steps were skipped and
+                    # the longest run of them; `ok` is the same on every process, so these counts are too
+                    n_bad, worst = (int(x) for x in torch.stack([bad_window, bad_worst]).tolist())
+                    bad_window.zero_()
+                    self.nonfinite_steps += n_bad
+                    n_bad_in_window += n_bad
+                if log_now:
+                    # means over all processes and the window's finite steps
+                    n_good = n_in_window - n_bad_in_window
+                    loss = all_reduce_mean(loss_sum).item() / n_good if n_good else None
                     dt = time.perf_counter() - t_window
                     train_seconds += dt
                     rec = {"epoch": self.epoch, "loss": loss, "lr": lr,
                            "img_per_s": n_in_window * images_per_step / dt, **extra}
                     for k in sorted(extra_sums):
-                        rec[k] = all_reduce_mean(extra_sums[k]).item() / n_in_window
+                        rec[k] = all_reduce_mean(extra_sums[k]).item() / n_good if n_good else None
                     extra_sums = {}
-                    if grad_norm is not None:
-                        rec["grad_norm"] = float(grad_norm)
+                    norm = float(grad_norm)
+                    rec["grad_norm"] = norm if math.isfinite(norm) else None
+                    rec["nonfinite_steps"] = self.nonfinite_steps
                     self.logger.log(self.step, rec)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.0f}")
+                    shown = f"{loss:.4f}" if loss is not None else "non-finite"
+                    bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.0f}")
                     loss_sum.zero_()
-                    n_in_window, t_window = 0, time.perf_counter()
+                    n_in_window, n_bad_in_window, t_window = 0, 0, time.perf_counter()
+                if (log_now or save_now) and worst >= t.max_nonfinite_steps:
+                    # nothing is saved from here on: the checkpoint on disk is the last good one
+                    raise self._nonfinite_error(worst, last_saved)
                 if end_of_epoch:
                     self.epoch += 1
                     self.step_in_epoch = 0
-                if t.ckpt_every_steps and self.step % t.ckpt_every_steps == 0 or end_of_epoch or stop:
+                if save_now:
                     self.save_checkpoint()
+                    last_saved = self.step
                 if stop or end_of_epoch:
                     break
             bar.close()
@@ -255,14 +365,25 @@ class Trainer:
                     self.epoch % mon.every_epochs == 0 or self.epoch == t.epochs):
                 self.run_monitor()
                 self.save_checkpoint()  # keep the k-NN history with the weights
+                last_saved = self.step
         steps_done = self.step - start_step
+        # unreadable / oversized images: counted and listed once for the whole run (all processes, the
+        # monitor's sets, and before a resume), each warned about once when first met
+        all_reduce_skips(self.train_set, self.device)
+        skip_file = self.out_dir / "skipped.txt"
+        skipped = skip_report(self.train_set, *(self._monitor_sets or ())) if self.dist.is_main else []
+        if resumed and self.dist.is_main:
+            skipped = sorted(dict(read_skip_list(skip_file) + skipped).items())
         summary = {
             "method": cfg.method, "steps": self.step, "epochs_done": self.epoch, "total_steps": self.total_steps,
             "train_seconds": train_seconds,
             "img_per_s": steps_done * images_per_step / train_seconds if train_seconds > 0 else None,
             "knn": self.knn_history, "checkpoint": str(self.checkpoint_path()),
+            "skipped_images": len(skipped), "skipped_list": str(skip_file) if skipped else None,
+            "nonfinite_steps": self.nonfinite_steps,
         }
         if self.dist.is_main:
+            write_skip_list(skip_file, skipped)
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.close()
         barrier()

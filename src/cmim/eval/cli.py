@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any
 
 from cmim.eval.run import PROTOCOLS, open_source, run_eval, summary_line
@@ -45,13 +46,19 @@ def allow_intermixed(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 def _run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
+    if args.checkpoint is not None and "=" in args.checkpoint and not os.path.exists(args.checkpoint):
+        overrides.insert(0, args.checkpoint)  # no checkpoint given (a baseline): the first word is an override
+        args.checkpoint = None
     if args.encoder:
         overrides.append(f"encoder={args.encoder}")
     if args.random_init:
         overrides.append("init=random")
     if args.feature:
         overrides.append(f"feature={args.feature}")
-    src, cfg = open_source(args.checkpoint, args.config, overrides)
+    if args.label_fraction is not None:
+        overrides.append(f"label_fraction={args.label_fraction}")
+    args.raw_pixels = getattr(args, "raw_pixels", False)
+    src, cfg = open_source(args.checkpoint, args.config, overrides, raw_pixels=args.raw_pixels, arch=args.arch)
     if args.no_cache:
         import tempfile
 
@@ -72,13 +79,22 @@ def add_parser(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="protocol", required=True)
     for name in PROTOCOLS:
         q = sub.add_parser(name, help=_HELP[name], description=_HELP[name])
-        q.add_argument("checkpoint", help="cmim checkpoint (.pt) or file written by `cmim export`")
+        q.add_argument("checkpoint", nargs="?", default=None,
+                       help="cmim checkpoint (.pt) or file written by `cmim export` (none with --raw-pixels/--arch)")
         q.add_argument("overrides", nargs="*", help="key=value eval-config overrides (test_subset=2000)")
         q.add_argument("-c", "--config", help="eval recipe YAML")
         q.add_argument("--encoder", choices=("teacher", "student"), help="which encoder (default: teacher)")
-        q.add_argument("--feature", choices=("mean", "cls"), help="pooled feature (default: mean)")
+        q.add_argument("--feature", help="pooled feature: mean (default) | cls | gridG (G x G mean-pooled cells)")
         q.add_argument("--random-init", action="store_true",
                        help="evaluate the same architecture with fresh weights (the baseline)")
+        q.add_argument("--arch", metavar="RECIPE",
+                       help="no checkpoint: the encoder of this pre-training recipe with fresh weights (finetune: "
+                            "the supervised-from-scratch baseline)")
+        if name != "finetune":
+            q.add_argument("--raw-pixels", action="store_true",
+                           help="no encoder: the normalized, flattened images are the features (the baseline)")
+        q.add_argument("--label-fraction", type=float, metavar="F",
+                       help="train with a class-balanced share of the labels (0.01 = 1%%; label_fraction=F)")
         q.add_argument("--out", help="result JSON (default: <checkpoint dir>/eval/<protocol>-...json)")
         q.add_argument("--no-cache", action="store_true", help="recompute features in a throw-away cache")
         q.set_defaults(func=_run)

@@ -14,7 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cmim.config import ConfigError, DataConfig, merge_config
+from cmim.config import ConfigError, DataConfig, merge_config, validate_data_input
+from cmim.models.encoder import is_pooled_feature
 
 __all__ = ["EvalConfig", "FinetuneConfig", "KNNConfig", "LinearConfig", "load_eval_config", "validate_eval"]
 
@@ -49,6 +50,9 @@ class FinetuneConfig:
     """BEiT/ConMIM ViT-B fine-tuning on ImageNet-1K by default (100 ep, batch 1024, lr 4e-3, ld 0.65)."""
 
     epochs: int = 100
+    # optimizer steps; when set, it replaces ``epochs`` (the data is cycled): an equal budget whatever the number
+    # of labeled images (label_fraction), so every row of a label-efficiency table trains as long
+    steps: int | None = None
     batch_size: int = 1024
     lr: float | None = 4e-3  # absolute peak lr; None = blr * batch_size / 256 (MAE)
     blr: float = 5e-4
@@ -84,6 +88,9 @@ class EvalConfig:
     init: str = "pretrained"  # "pretrained" | "random": same architecture, fresh weights (the baseline)
     data: DataConfig = field(default_factory=DataConfig)
     train_subset: int | None = None  # evenly spaced samples of the train split (None: all)
+    # the few-labels setting: a class-balanced, seeded share of the train labels (0.01 = 1%) for k-NN, the linear
+    # probe and fine-tuning; the same samples for every encoder at a given seed. None: all labels.
+    label_fraction: float | None = None
     test_subset: int | None = None
     batch_size: int = 256  # feature extraction / evaluation batch
     device: str = "auto"  # auto | cpu | cuda
@@ -105,11 +112,15 @@ def validate_eval(cfg: DictConfig) -> None:
     """Relations between values; one line per problem, naming the key."""
     d, lin, ft = cfg.data, cfg.linear, cfg.finetune
     _require(cfg.encoder in ("teacher", "student"), f"encoder: teacher or student, not {cfg.encoder!r}")
-    _require(cfg.feature in ("mean", "cls"), f"feature: must be mean or cls, got {cfg.feature!r}")
+    _require(cfg.feature == "pixels" or is_pooled_feature(cfg.feature),
+             f"feature: must be mean, cls or gridG (e.g. grid2), got {cfg.feature!r}")
     _require(cfg.init in ("pretrained", "random"), f"init: must be pretrained or random, got {cfg.init!r}")
     _require(cfg.device in ("auto", "cpu", "cuda"), f"device: must be auto, cpu or cuda, got {cfg.device!r}")
     _require(cfg.precision in ("bf16", "fp32"), f"precision: must be bf16 or fp32, got {cfg.precision!r}")
     _require(cfg.batch_size > 0, "batch_size: must be positive")
+    _require(cfg.label_fraction is None or 0 < cfg.label_fraction <= 1,
+             f"label_fraction: must be in (0, 1] or null, got {cfg.label_fraction}")
+    _require(ft.steps is None or ft.steps > 0, "finetune.steps: must be positive or null")
     for k in ("train_subset", "test_subset"):
         _require(cfg[k] is None or cfg[k] > 0, f"{k}: must be positive or null")
     _require(d.name in ("fashion-mnist", "folder", "synthetic", "cifar10", "cifar100"),
@@ -121,6 +132,7 @@ def validate_eval(cfg: DictConfig) -> None:
             _require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
     _require(len(d.mean) == d.in_chans and len(d.std) == d.in_chans,
              f"data.mean/std: need {d.in_chans} values each (data.in_chans)")
+    validate_data_input(d)  # val_fraction carried from the checkpoint: evals see its split
     _require(len(cfg.knn.ks) > 0 and all(k >= 1 for k in cfg.knn.ks), "knn.ks: need positive k values")
     _require(cfg.knn.temperature > 0, "knn.temperature: must be positive")
     _require(lin.mode in ("cached", "reference"), f"linear.mode: cached or reference, not {lin.mode!r}")

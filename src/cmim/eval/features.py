@@ -20,10 +20,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from cmim.config import ConfigError
-from cmim.data.datasets import build_base_dataset
+from cmim.data.datasets import build_base_dataset, skipped_files
 from cmim.data.views import build_eval_dataset
 from cmim.engine.checkpoint import atomic_torch_save
 from cmim.eval.knn import extract_features, first_n
@@ -42,6 +42,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("cmim")
+
+# split name -> unreadable files skipped by the latest features of that split (fresh or from the cache), so
+# a result file can report them: {"skipped_images": {split: len(paths)}}
+SKIPPED: dict[str, list[str]] = {}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,12 +87,30 @@ def eval_dataset(cfg: DictConfig, part: str) -> Dataset:
 
 
 def base_train_dataset(cfg: DictConfig) -> Dataset:
-    """The un-augmented train split (PIL images or uint8 arrays), with the eval train subset applied."""
+    """The un-augmented train split (PIL images or uint8 arrays), with the eval train subset and the label
+    fraction applied."""
     try:
         ds = build_base_dataset(cfg.data, split_name(cfg, "train"))
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
-    return first_n(ds, cfg.train_subset)
+    sub = first_n(ds, cfg.train_subset)
+    if cfg.label_fraction is None:
+        return sub
+    from cmim.eval.baselines import balanced_label_indices
+
+    indices = np.asarray(sub.indices) if isinstance(sub, Subset) else np.arange(len(ds))  # type: ignore[arg-type]
+    keep = balanced_label_indices(np.asarray(ds.targets)[indices], float(cfg.label_fraction), int(cfg.seed))
+    return Subset(ds, indices[keep].tolist())
+
+
+def label_subset(feats: Tensor, labels: Tensor, cfg: DictConfig) -> tuple[Tensor, Tensor]:
+    """The class-balanced ``label_fraction`` of cached train features (all of them when it is null)."""
+    if cfg.label_fraction is None:
+        return feats, labels
+    from cmim.eval.baselines import balanced_label_indices
+
+    idx = torch.from_numpy(balanced_label_indices(labels, float(cfg.label_fraction), int(cfg.seed)))
+    return feats[idx], labels[idx]
 
 
 def num_classes_of(cfg: DictConfig) -> int:
@@ -141,6 +163,8 @@ def _key(src: EncoderSource, cfg: DictConfig, part: str, feature: str) -> dict[s
         "n": cfg.train_subset if part == "train" else cfg.test_subset,
         "synthetic": [d.synthetic_size, d.synthetic_classes] if d.name == "synthetic" else None,
         "precision": cfg.precision,
+        **({"folder": {"val_fraction": d.val_fraction, "split_seed": d.split_seed, "background": list(d.background),
+                       "max_image_pixels": d.max_image_pixels}} if d.name == "folder" else {}),
     }
 
 
@@ -155,17 +179,41 @@ def cached_features(src: EncoderSource, cfg: DictConfig, part: str, feature: str
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             if blob.get("key") == json.loads(json.dumps(key)):
+                SKIPPED[key["split"]] = list(blob.get("skipped", []))
                 return blob["features"], blob["labels"], True
         except Exception as e:  # noqa: BLE001 - a broken cache file is recomputed
             log.warning("ignoring unreadable feature cache %s (%s)", path, e)
-    check_data_fits(src, cfg.data)
     ds = eval_dataset(cfg, part)
-    device = resolve_device(cfg.device)
-    enc = src.encoder.to(device)
-    feats, labels = extract_features(enc, ds, feature=feature, mean=list(cfg.data.mean),
-                                     std=list(cfg.data.std), device=device, batch_size=cfg.batch_size,
-                                     num_workers=int(cfg.data.num_workers), precision=cfg.precision)
+    if src.kind == "pixels":
+        feats, labels = pixel_features(ds, cfg)
+    else:
+        check_data_fits(src, cfg.data)
+        device = resolve_device(cfg.device)
+        enc = src.encoder.to(device)
+        feats, labels = extract_features(enc, ds, feature=feature, mean=list(cfg.data.mean),
+                                         std=list(cfg.data.std), device=device, batch_size=cfg.batch_size,
+                                         num_workers=int(cfg.data.num_workers), precision=cfg.precision)
+    skipped = skipped_files(ds)
+    SKIPPED[key["split"]] = skipped
+    if skipped:
+        log.warning("data: %d unreadable image(s) skipped in split %r (each replaced by the next readable one)",
+                    len(skipped), key["split"])
     if use_cache:
-        atomic_torch_save({"features": feats, "labels": labels, "key": key,
+        atomic_torch_save({"features": feats, "labels": labels, "key": key, "skipped": skipped,
                            "config": OmegaConf.to_container(cfg.data, resolve=True)}, path)
     return feats, labels, False
+
+
+def pixel_features(ds: Dataset, cfg: DictConfig) -> tuple[Tensor, Tensor]:
+    """The raw-pixel baseline's features: each (centre-cropped) image normalized with the data's mean/std and
+    flattened, the same images the encoders see."""
+    from torch.utils.data import DataLoader
+
+    from cmim.data.augment import normalize
+
+    feats, labels = [], []
+    for batch in DataLoader(ds, batch_size=cfg.batch_size, num_workers=int(cfg.data.num_workers)):
+        x = normalize(batch["image"], list(cfg.data.mean), list(cfg.data.std))
+        feats.append(x.flatten(1).float())
+        labels.append(batch["label"])
+    return torch.cat(feats), torch.cat(labels)

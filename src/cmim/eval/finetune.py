@@ -116,7 +116,8 @@ def finetune(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str,
     opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=float(ft.weight_decay),
                               layer_decay=float(ft.layer_decay), betas=tuple(ft.betas))
     spe = len(loader)
-    total = ft.epochs * spe
+    total = int(ft.steps) if ft.steps is not None else ft.epochs * spe
+    epochs = math.ceil(total / spe)
     warm = round(float(ft.warmup_epochs) * spe)
     sched = CosineLRScheduler(opt, t_initial=max(1, total - warm), lr_min=float(ft.min_lr), warmup_t=warm,
                               warmup_lr_init=float(ft.warmup_lr), warmup_prefix=True, t_in_epochs=False)
@@ -134,7 +135,7 @@ def finetune(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str,
     params = [p for p in model.parameters() if p.requires_grad]
     step, history, stop = 0, [], False
     t_start = time.perf_counter()
-    for epoch in range(ft.epochs):
+    for epoch in range(epochs):
         model.train()
         t0, loss_sum, n_steps = time.perf_counter(), torch.zeros((), device=device), 0
         for x, y in loader:
@@ -152,20 +153,20 @@ def finetune(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str,
             step += 1
             n_steps += 1
             loss_sum += loss.detach().float()
-            stop = ft.max_steps is not None and step >= ft.max_steps
+            stop = step >= total or (ft.max_steps is not None and step >= ft.max_steps)
             if stop:
                 break
         epoch_loss = loss_sum.item() / max(1, n_steps)  # one host sync per epoch
         if not math.isfinite(epoch_loss):
             raise FloatingPointError(f"fine-tuning loss is {epoch_loss} in epoch {epoch + 1}")
-        last = stop or epoch == ft.epochs - 1
+        last = stop or epoch == epochs - 1
         if last or (ft.eval_every_epochs > 0 and (epoch + 1) % ft.eval_every_epochs == 0):
             res = evaluate(model, cfg, device)
             history.append({"epoch": epoch + 1, "step": step, "train_loss": epoch_loss,
                             "lr": max(g["lr"] for g in opt.param_groups), **res,
                             "seconds": time.perf_counter() - t0})
             log.info("finetune epoch %d/%d: loss %.4f, test top-1 %.2f%% top-5 %.2f%% (%.0fs)", epoch + 1,
-                     ft.epochs, history[-1]["train_loss"], res["top1"], res["top5"], time.perf_counter() - t0)
+                     epochs, history[-1]["train_loss"], res["top1"], res["top5"], time.perf_counter() - t0)
         if stop:
             break
     final = history[-1]

@@ -82,3 +82,23 @@ def online_knn(encoder: MaskedEncoder, train_set: Dataset, test_set: Dataset, cf
     if (trl < 0).all():
         return {}
     return knn_accuracy(trf, trl, tef, tel, k=mon.k, temperature=mon.temperature)
+
+
+def pixel_knn(train_set: Dataset, test_set: Dataset, cfg: Any) -> dict[str, float]:
+    """The monitor's raw-pixel baseline: the same k-NN, subsets and normalization, on the flattened images."""
+    from cmim.data.augment import normalize
+
+    mon, d = cfg.monitor, cfg.data
+
+    def flat(ds: Dataset) -> tuple[Tensor, Tensor]:
+        feats, labels = [], []
+        for batch in DataLoader(ds, batch_size=mon.batch_size):
+            feats.append(normalize(batch["image"], list(d.mean), list(d.std)).flatten(1))
+            labels.append(batch["label"])
+        return torch.cat(feats), torch.cat(labels)
+
+    trf, trl = flat(first_n(train_set, mon.train_subset))
+    tef, tel = flat(first_n(test_set, mon.test_subset))
+    if (trl < 0).all():
+        return {}
+    return knn_accuracy(trf, trl, tef, tel, k=mon.k, temperature=mon.temperature)

@@ -140,10 +140,23 @@ def _data_summary(data: Any) -> dict[str, Any]:
     return dict(d)  # type: ignore[arg-type]
 
 
+def _stored_config(ckpt: dict[str, Any], path: Path) -> DictConfig | None:
+    """The pre-training config a checkpoint stores (None without one); one error line when it is garbage."""
+    if not isinstance(ckpt.get("config"), str):
+        return None
+    try:
+        return from_yaml_string(ckpt["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - not YAML, or YAML that is not a config mapping
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{path}: its stored config is not a cmim config ({first})") from None
+
+
 def _load_checkpoint_source(path: Path, which: str) -> EncoderSource:
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path)  # weights-only, and "model" checked to be a state dict of tensors
     method = ckpt.get("method")
-    cfg = from_yaml_string(ckpt["config"]) if isinstance(ckpt.get("config"), str) else None
+    cfg = _stored_config(ckpt, path)
     method = method or (cfg.method if cfg is not None else None)
     prefix = encoder_prefix(ckpt["model"], method, which)
     sd = encoder_state_dict(ckpt["model"], prefix)
@@ -156,7 +169,9 @@ def _load_checkpoint_source(path: Path, which: str) -> EncoderSource:
         else:
             raise CheckpointError(f"{path}: no stored config or encoder description to rebuild the encoder")
         enc.load_state_dict(sd, strict=True)
-    except (RuntimeError, ValueError, TypeError) as e:
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - bad stored architecture or weights: the file is unusable
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
         raise CheckpointError(f"{path}: the {which} encoder ({prefix!r}) does not fit its stored "
@@ -177,16 +192,27 @@ def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path} as safetensors: {type(e).__name__}: {e}") from None
     if raw is None:
         raise CheckpointError(f"{path} has no cmim metadata (not written by `cmim export`)")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its cmim metadata is not JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("timm_name"), str) \
+            or not isinstance(meta.get("timm_kwargs"), dict):
+        raise CheckpointError(f"{path}: its cmim metadata lacks a 'timm_name' string and a 'timm_kwargs' dict")
+    return meta
 
 
 def _load_export_source(path: Path) -> EncoderSource:
     from safetensors.torch import load_file
 
     meta = read_export_meta(path)
-    sd = load_file(str(path))
-    enc = MaskedEncoder(meta["timm_name"], meta["timm_kwargs"])
-    missing, unexpected = enc.backbone.load_state_dict(sd, strict=False)
+    try:
+        sd = load_file(str(path))
+        enc = MaskedEncoder(meta["timm_name"], meta["timm_kwargs"])
+        missing, unexpected = enc.backbone.load_state_dict(sd, strict=False)
+    except Exception as e:  # noqa: BLE001 - torn file, unknown model or misshapen weights: unusable
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{path}: weights do not load into {meta['timm_name']} ({first})") from None
     if unexpected or [k for k in missing if not k.startswith("head")]:
         raise CheckpointError(f"{path}: weights do not fit {meta['timm_name']} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -16,9 +16,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cmim.config import ConfigError
+from cmim.config import ConfigError, load_config
 from cmim.eval.config import load_eval_config
-from cmim.eval.features import cached_features, num_classes_of, resolve_device
+from cmim.eval.baselines import pixel_source, recipe_source
+from cmim.eval.features import cached_features, label_subset, num_classes_of, resolve_device
 from cmim.eval.knn import knn_accuracy
 from cmim.eval.linear import linear_on_features, linear_reference
 from cmim.eval.loading import EncoderSource, load_source, random_init_like
@@ -41,9 +42,22 @@ def _peek(recipe: str | os.PathLike | None, overrides: list[str] | None, key: st
     return value
 
 
-def open_source(path: str | os.PathLike, recipe: str | os.PathLike | None = None,
-                overrides: list[str] | None = None) -> tuple[EncoderSource, DictConfig]:
-    """The encoder (pre-trained or its random-init twin) and the resolved eval config for it."""
+def open_source(path: str | os.PathLike | None, recipe: str | os.PathLike | None = None,
+                overrides: list[str] | None = None, *, raw_pixels: bool = False,
+                arch: str | os.PathLike | None = None) -> tuple[EncoderSource, DictConfig]:
+    """The encoder (pre-trained or its random-init twin) and the resolved eval config for it.
+
+    Baselines need no checkpoint: ``raw_pixels`` evaluates the flattened images themselves; ``arch`` (a
+    pre-training recipe) builds that recipe's encoder with fresh weights (``init`` is then always random)."""
+    if raw_pixels:
+        cfg = load_eval_config(recipe, [*(overrides or []), "feature=pixels", "init=random"])
+        return pixel_source(OmegaConf.to_container(cfg.data, resolve=True)), cfg  # type: ignore[arg-type]
+    if path is None and arch is None:
+        raise ConfigError("give a checkpoint, --arch RECIPE (fresh weights) or --raw-pixels")
+    if path is None:
+        data = OmegaConf.to_container(load_config(arch).data, resolve=True)
+        cfg = load_eval_config(recipe, [*(overrides or []), "init=random"], base_data=data)  # type: ignore[arg-type]
+        return recipe_source(arch, seed=cfg.seed), cfg  # type: ignore[arg-type]
     src = load_source(path, _peek(recipe, overrides, "encoder", "teacher"))
     cfg = load_eval_config(recipe, overrides, base_data=src.data)
     if cfg.init == "random":
@@ -52,14 +66,20 @@ def open_source(path: str | os.PathLike, recipe: str | os.PathLike | None = None
 
 
 def default_result_path(src: EncoderSource, cfg: DictConfig, protocol: str) -> Path:
+    """``<checkpoint dir>/eval/<protocol>-...json``; baselines without a checkpoint go to ``runs/baselines``."""
     feat = f"ft{cfg.finetune.pool}" if protocol == "finetune" else cfg.feature
-    init = "" if src.init == "pretrained" else "-random"
-    name = f"{protocol}-{cfg.data.name}-{src.which}-{feat}{init}.json"
+    init = "" if src.init in ("pretrained", "none") else "-random"
+    labels = "" if cfg.label_fraction is None else f"-labels{cfg.label_fraction:g}"
+    name = f"{protocol}-{cfg.data.name}-{src.which}-{feat}{init}{labels}.json"
+    if src.kind in ("pixels", "recipe"):
+        stem = "pixels" if src.kind == "pixels" else Path(src.path).stem
+        return Path("runs") / "baselines" / stem / name
     return Path(src.path).resolve().parent / "eval" / name
 
 
 def _knn(src: EncoderSource, cfg: DictConfig) -> dict[str, Any]:
     trf, trl, c1 = cached_features(src, cfg, "train")
+    trf, trl = label_subset(trf, trl, cfg)
     tef, tel, c2 = cached_features(src, cfg, "test")
     if (trl < 0).all() or (tel < 0).all():
         raise ConfigError(f"data: {cfg.data.name} has no labels; k-NN needs labeled train and test splits")
@@ -80,6 +100,7 @@ def _linear(src: EncoderSource, cfg: DictConfig) -> dict[str, Any]:
         cached = False
     else:
         trf, trl, c1 = cached_features(src, cfg, "train")
+        trf, trl = label_subset(trf, trl, cfg)
         tef, tel, c2 = cached_features(src, cfg, "test")
         res = linear_on_features(trf, trl, tef, tel, cfg.linear, num_classes=num_classes_of(cfg),
                                  seed=cfg.seed, device=resolve_device(cfg.device))
@@ -120,7 +141,7 @@ def run_eval(protocol: str, src: EncoderSource, cfg: DictConfig, out: str | os.P
         "features": {"encoder": src.which, "feature": feature, "init": src.init,
                      "train_split": cfg.data.train_split, "test_split": cfg.data.eval_split,
                      "train_samples": res["train_samples"], "test_samples": res["test_samples"],
-                     "cached": res["features_cached"]},
+                     "label_fraction": cfg.label_fraction, "cached": res["features_cached"]},
         "checkpoint": src.describe(),
         "dataset": {"name": cfg.data.name, "root": cfg.data.root, "img_size": cfg.data.img_size,
                     "in_chans": cfg.data.in_chans},
@@ -153,7 +174,11 @@ def summary_line(r: dict[str, Any]) -> str:
         extra = f" [{r['details']['steps']} steps]"
     where = f" -> {r['path']}" if "path" in r else ""
     what = f"{f['feature']}" if r["protocol"] == "finetune" else f"{f['feature']} features"
+    if c["kind"] == "pixels":
+        what, origin = "raw pixels", "no encoder"
+    else:
+        origin = f"{c['path']} (sha256 {c['sha256'][:12]})"
+    labels = "" if f.get("label_fraction") is None else f", {f['label_fraction']:.0%} of the labels"
     return (f"cmim eval {r['protocol']}: top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}%{extra} | "
-            f"{f['encoder']} {what}, {f['init']} | "
-            f"{d['name']} {f['test_split']} ({f['test_samples']}) | "
-            f"{c['path']} (sha256 {c['sha256'][:12]}){where}")
+            f"{f['encoder']} {what}, {f['init']}{labels} | "
+            f"{d['name']} {f['test_split']} ({f['test_samples']}) | {origin}{where}")

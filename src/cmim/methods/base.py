@@ -3,7 +3,8 @@
 A method is an ``nn.Module`` with
 - ``view_spec()``: which crops, photometric profiles and masks its batches need (the data pipeline builds them);
 - ``forward(batch) -> dict`` with a scalar ``"loss"`` (other entries are logged);
-- ``after_step(step, total_steps) -> dict``: called after every optimizer step (EMA updates live here);
+- ``after_step(step, total_steps, ok) -> dict``: called after every optimizer step (EMA updates live here);
+  ``ok`` is a device bool, False when the step was skipped as non-finite: then nothing may change;
 - ``encoder(which)``: the :class:`~cmim.models.MaskedEncoder` used downstream ("teacher" or "student").
 The engine knows nothing else about it.
 """
@@ -58,7 +59,7 @@ class Method(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def after_step(self, step: int, total_steps: int) -> dict[str, float]:
+    def after_step(self, step: int, total_steps: int, ok: Tensor | None = None) -> dict[str, float]:
         return {}
 
     def encoder(self, which: str = "teacher") -> MaskedEncoder:
@@ -107,18 +108,27 @@ class MomentumMethod(Method):
         return cosine_schedule(step, total_steps, self.momentum, self.momentum_final)
 
     @torch.no_grad()
-    def ema_update(self, momentum: float) -> None:
+    def ema_update(self, momentum: float, ok: Tensor | None = None) -> None:
+        """t <- lerp(t, s, 1 - m). With ``ok`` (a device bool) the weight is (1 - m) * ok: a skipped step
+        (ok False) lerps by 0, which leaves t exactly as it is, and no host sync is needed to know it."""
         # Parameter lists are gathered on every call: cheap next to the step, and always current after
         # modules are replaced (global BatchNorm conversion) or moved.
         s_params = [p.detach() for s_mod, _ in self.ema_pairs for p in s_mod.parameters()]
         t_params = [p for _, t_mod in self.ema_pairs for p in t_mod.parameters()]
-        if momentum == 0.0:
+        if not t_params:
+            return
+        if ok is not None:
+            # a 0-dim weight tensor: the same lerp kernel as the scalar one (bit-identical when ok), per tensor;
+            # lerp by exactly 1 equals the copy of the momentum-0 ablation
+            w = ok.to(device=t_params[0].device, dtype=t_params[0].dtype) * (1.0 - momentum)
+            torch._foreach_lerp_(t_params, s_params, [w] * len(t_params))
+        elif momentum == 0.0:
             torch._foreach_copy_(t_params, s_params)
         else:
             torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
 
-    def after_step(self, step: int, total_steps: int) -> dict[str, float]:
+    def after_step(self, step: int, total_steps: int, ok: Tensor | None = None) -> dict[str, float]:
         # `step` is the number of optimizer steps done; the update after step s uses m(s-1).
         m = self.momentum_at(step - 1, total_steps)
-        self.ema_update(m)
+        self.ema_update(m, ok)
         return {"momentum": m}

@@ -8,12 +8,14 @@ added (as in BEiT/ConMIM/SimMIM), and an all-False mask reproduces timm's own ``
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import timm
 import torch
 from timm.layers import trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # (embed_dim, depth, num_heads): the standard ViT presets.
@@ -144,8 +146,24 @@ class MaskedEncoder(nn.Module):
 
     @staticmethod
     def pool(tokens: Tensor, feature: str = "mean") -> Tensor:
-        """Image feature from tokens: "mean" of patch tokens (timm's global_pool="avg") or "cls"."""
-        return tokens[:, 1:].mean(dim=1) if feature == "mean" else tokens[:, 0]
+        """Image feature from tokens: "mean" of patch tokens (timm's global_pool="avg"), "cls", or "gridG": the
+        patch-token map average-pooled to G x G cells and concatenated (G*G*D values), which keeps the coarse
+        layout that a global mean throws away (objects of a centred dataset differ in where their parts are)."""
+        if feature == "mean":
+            return tokens[:, 1:].mean(dim=1)
+        if feature == "cls":
+            return tokens[:, 0]
+        if feature.startswith("grid"):
+            patches = tokens[:, 1:]
+            side = math.isqrt(patches.shape[1])
+            fmap = patches.transpose(1, 2).reshape(patches.shape[0], -1, side, side)
+            return F.adaptive_avg_pool2d(fmap.float(), int(feature[4:])).flatten(1)
+        raise ValueError(f"unknown pooled feature {feature!r} (mean, cls or gridG, e.g. grid2)")
+
+
+def is_pooled_feature(name: str) -> bool:
+    """mean, cls or gridG with G >= 1."""
+    return name in ("mean", "cls") or (name.startswith("grid") and name[4:].isdigit() and int(name[4:]) >= 1)
 
 
 def build_encoder(model_cfg: Any, img_size: int, in_chans: int) -> MaskedEncoder:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cmim.engine.checkpoint import CheckpointError
+from cmim.engine.checkpoint import CheckpointError, check_state_dict, read_weights
 from cmim.models.encoder import MaskedEncoder
 from cmim.models.heads import MLPHead
 
@@ -120,13 +120,20 @@ def _load_strict(module: nn.Module, sd: dict[str, Tensor], what: str) -> None:
         raise TeacherError(f"{what} weights do not fit the model: {detail[:300]}") from None
 
 
+def _build(timm_name: str, kwargs: dict[str, Any]) -> MaskedEncoder:
+    try:
+        return MaskedEncoder(timm_name, kwargs)
+    except Exception as e:  # noqa: BLE001 - unknown model name or bad kwargs
+        raise TeacherError(f"cannot build timm model {timm_name!r} with {kwargs}: {_first(e)}") from None
+
+
 def _strip(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def _read(path: Path) -> Any:
-    """Load a weights file: safetensors, else torch (weights-only first; full unpickling for cmim checkpoints,
-    which also hold RNG states: load only teacher files you trust, as for any pickle)."""
+    """Load a weights file: safetensors, else torch with ``weights_only=True`` only. A file that needs full
+    unpickling (which can run code) is refused with one line, never loaded another way."""
     if not path.is_file():
         raise TeacherError(f"teacher file not found: {path}")
     if path.suffix == ".safetensors":
@@ -135,16 +142,16 @@ def _read(path: Path) -> Any:
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any failure means an unusable file
-            raise TeacherError(f"cannot read teacher {path}: {type(e).__name__}: {e}") from None
+            raise TeacherError(f"cannot read teacher {path}: {type(e).__name__}: {_first(e)}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not a weights-only pickle: fall back to a full load
-        pass
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise TeacherError(f"cannot read teacher {path}: {type(e).__name__}: {first}") from None
+        return read_weights(path, what="teacher")
+    except CheckpointError as e:
+        raise TeacherError(str(e)) from None
+
+
+def _first(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else ""
 
 
 def _is_cmim(obj: Any) -> bool:
@@ -158,9 +165,9 @@ def _state_dict(obj: Any) -> dict[str, Tensor]:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
+    if not isinstance(obj, dict) or not any(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         raise TeacherError("the file holds no state dict of tensors")
-    return {k: v for k, v in obj.items() if torch.is_tensor(v)}
+    return {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
 
 
 def detect_format(obj: Any) -> str:
@@ -175,13 +182,21 @@ def detect_format(obj: Any) -> str:
 # --- the three formats --------------------------------------------------------------------------------------
 def _from_cmim(ckpt: dict[str, Any], which: str, path: Path) -> FrozenTeacher:
     sd, meta = ckpt["model"], ckpt["encoder"]
+    try:
+        check_state_dict(sd, path)
+    except CheckpointError as e:
+        raise TeacherError(str(e)) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("timm_name"), str) \
+            or not isinstance(meta.get("timm_kwargs"), dict):
+        raise TeacherError(f"{path} is not a cmim checkpoint ('encoder' needs a 'timm_name' string and a "
+                           "'timm_kwargs' dict)")
     prefix = which
     if which == "teacher" and not any(k.startswith("teacher.") for k in sd):
         prefix = "student"  # no EMA teacher: the student is the method's downstream encoder
     enc_sd = _strip(sd, f"{prefix}.")
     if not enc_sd:
         raise TeacherError(f"{path}: no '{prefix}.' encoder in this {ckpt.get('method')} checkpoint")
-    encoder = MaskedEncoder(meta["timm_name"], meta["timm_kwargs"])
+    encoder = _build(meta["timm_name"], meta["timm_kwargs"])
     _load_strict(encoder, enc_sd, f"{path} ({prefix} encoder)")
     proj_sd = _strip(sd, f"{prefix}_projector.")
     projector = mlp_head_from_state_dict(proj_sd) if proj_sd else None
@@ -193,12 +208,17 @@ def _mocov3_vit_kwargs(sd: dict[str, Tensor], overrides: dict[str, Any]) -> dict
     if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd or "cls_token" not in sd:
         raise TeacherError("MoCo v3 weights: only the plain ViTs (vit_small, vit_base) are supported, "
                            "not the convolutional-stem variants")
-    dim, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    try:
+        dim, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+        mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise TeacherError(f"MoCo v3 weights: not a ViT of the expected layout ({type(e).__name__}: "
+                           f"{_first(e) or 'bad shapes'})") from None
     kwargs: dict[str, Any] = dict(
         img_size=grid * patch, patch_size=patch, in_chans=in_chans, num_classes=0, embed_dim=dim, depth=depth,
-        num_heads=12, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        num_heads=12, mlp_ratio=mlp_ratio,
         qkv_bias="blocks.0.attn.qkv.bias" in sd, global_pool="token", fc_norm=False,
     )
     kwargs.update(overrides)
@@ -216,7 +236,7 @@ def _from_mocov3(obj: Any, timm_kwargs: dict[str, Any], path: Path) -> FrozenTea
     enc_sd = _strip(sd, prefix)
     head_sd = _strip(enc_sd, "head.")
     backbone_sd = {k: v for k, v in enc_sd.items() if not k.startswith("head.")}
-    encoder = MaskedEncoder("vit_base_patch16_224", _mocov3_vit_kwargs(backbone_sd, timm_kwargs))
+    encoder = _build("vit_base_patch16_224", _mocov3_vit_kwargs(backbone_sd, timm_kwargs))
     _load_strict(encoder.backbone, backbone_sd, f"{path} (MoCo v3 base encoder)")
     projector = mlp_head_from_state_dict(head_sd) if head_sd else None
     return FrozenTeacher(encoder, projector, f"MoCo v3 release {path} (base encoder)")
@@ -230,10 +250,7 @@ def _from_timm(obj: Any, timm_name: str | None, timm_kwargs: dict[str, Any], pat
     if all(k.startswith("module.") for k in sd):
         sd = _strip(sd, "module.")
     kwargs = {"num_classes": 0, **timm_kwargs}
-    try:
-        encoder = MaskedEncoder(timm_name, kwargs)
-    except Exception as e:  # noqa: BLE001 - unknown model name or bad kwargs
-        raise TeacherError(f"cannot build timm model {timm_name!r} with {kwargs}: {e}") from None
+    encoder = _build(timm_name, kwargs)
     if kwargs["num_classes"] == 0:
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     _load_strict(encoder.backbone, sd, f"{path} ({timm_name})")
@@ -250,14 +267,19 @@ def load_teacher(path: str | os.PathLike, fmt: str = "auto", which: str = "teach
     path = Path(path)
     obj = _read(path)
     kwargs = dict(timm_kwargs or {})
-    fmt = detect_format(obj) if fmt == "auto" else fmt
-    if fmt == "cmim":
-        if not _is_cmim(obj):
-            raise TeacherError(f"{path} is not a cmim checkpoint (needs 'model', 'encoder' and 'config')")
-        return _from_cmim(obj, which, path)
-    if fmt == "mocov3":
-        return _from_mocov3(obj, kwargs, path)
-    return _from_timm(obj, timm_name, kwargs, path)
+    try:
+        fmt = detect_format(obj) if fmt == "auto" else fmt
+        if fmt == "cmim":
+            if not _is_cmim(obj):
+                raise TeacherError(f"{path} is not a cmim checkpoint (needs 'model', 'encoder' and 'config')")
+            return _from_cmim(obj, which, path)
+        if fmt == "mocov3":
+            return _from_mocov3(obj, kwargs, path)
+        return _from_timm(obj, timm_name, kwargs, path)
+    except TeacherError as e:
+        if str(path) in str(e):
+            raise
+        raise TeacherError(f"teacher {path}: {e}") from None  # every teacher error names its file
 
 
 def check_fits(teacher: FrozenTeacher, student: MaskedEncoder, in_chans: int) -> None:

@@ -1,0 +1,104 @@
+"""Baselines as evaluations: raw pixels, an architecture from a recipe with fresh weights, class-balanced label
+fractions, and the grid-pooled feature, each against a hand-computed expectation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+from cmim.cli import main
+from cmim.eval.baselines import balanced_label_indices
+from cmim.models import MaskedEncoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# eval-side data and model settings of the tiny synthetic recipe (tests/conftest.py)
+DATA = [o for o in TINY if o.startswith("data.")] + ["data.synthetic_size=96", "precision=fp32", "batch_size=32"]
+
+
+def test_balanced_label_indices_hand_case():
+    labels = np.array([0] * 4 + [1] * 8 + [2] * 2 + [-1] * 3)
+    idx = balanced_label_indices(labels, 0.25, seed=0)
+    counts = np.bincount(labels[idx], minlength=3)
+    assert counts.tolist() == [1, 2, 1]  # round(0.25 * 4), round(0.25 * 8), at least one of 2; no unlabeled
+    assert (np.diff(idx) > 0).all()
+    assert np.array_equal(idx, balanced_label_indices(torch.from_numpy(labels), 0.25, seed=0))
+    others = {tuple(balanced_label_indices(labels, 0.25, seed=s)) for s in range(10)}
+    assert len(others) > 1  # the seed chooses which samples
+
+
+def test_grid_pool_hand_case():
+    # 4 patch tokens on a 2 x 2 grid (row-major), D = 2, plus a CLS token that pooling must ignore
+    patches = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])
+    tokens = torch.cat([torch.full((1, 2), 99.0), patches]).unsqueeze(0)
+    assert torch.equal(MaskedEncoder.pool(tokens, "grid1"), torch.tensor([[2.5, 25.0]]))
+    # grid2 keeps every cell: channel-major (D, G, G) flattened
+    assert torch.equal(MaskedEncoder.pool(tokens, "grid2"), torch.tensor([[1.0, 2, 3, 4, 10, 20, 30, 40]]))
+    assert torch.equal(MaskedEncoder.pool(tokens, "mean"), torch.tensor([[2.5, 25.0]]))
+    assert torch.equal(MaskedEncoder.pool(tokens, "cls"), torch.tensor([[99.0, 99.0]]))
+
+
+def _result(capsys) -> dict:
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    return json.loads(open(line.rsplit("-> ", 1)[1]).read())
+
+
+def test_raw_pixel_knn_equals_knn_on_flattened_normalized_images(tmp_path, capsys):
+    from cmim.config import load_config
+    from cmim.data.augment import normalize
+    from cmim.data.views import build_eval_dataset
+    from cmim.eval.knn import knn_accuracy
+
+    out = tmp_path / "pix.json"
+    assert main(["eval", "knn", "--raw-pixels", *DATA, f"cache_dir={tmp_path}", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["features"]["feature"] == "pixels" and res["checkpoint"]["kind"] == "pixels"
+    # the same protocol by hand
+    d = load_config(None, [*TINY, "data.synthetic_size=96"]).data
+    mean, std = list(d.mean), list(d.std)
+
+    def feats(split: str):
+        ds = build_eval_dataset(d, split)
+        x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        return normalize(x, mean, std).flatten(1), torch.tensor([ds[i]["label"] for i in range(len(ds))])
+
+    (trx, trl), (tex, tel) = feats("train"), feats("val")
+    assert res["top1"] == pytest.approx(knn_accuracy(trx, trl, tex, tel, k=20, temperature=0.07)["top1"])
+    assert "no encoder" in capsys.readouterr().out
+
+
+def test_label_fraction_reaches_knn_linear_and_finetune(tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("method: conmim\n")
+    arch = [f"--arch={recipe}"]
+    # the architecture comes from the recipe; the data comes from the eval overrides
+    tiny_model = [o.replace("model.", "") for o in TINY if o.startswith("model.")]
+    assert tiny_model  # the recipe must carry the tiny model, written below
+    recipe.write_text("method: conmim\nmodel:\n" + "".join(f"  {o.split('=')[0]}: {o.split('=')[1]}\n"
+                                                           for o in tiny_model)
+                      + "data:\n  name: synthetic\n  img_size: 16\n  in_chans: 3\n"
+                        "  mean: [0.5, 0.5, 0.5]\n  std: [0.25, 0.25, 0.25]\n")
+    common = [*DATA, f"cache_dir={tmp_path}", "label_fraction=0.25"]
+    assert main(["eval", "knn", *arch, *common, "--out", str(tmp_path / "k.json")]) == 0
+    k = json.loads((tmp_path / "k.json").read_text())
+    assert k["features"]["label_fraction"] == 0.25 and k["features"]["init"] == "random-s0"
+    assert k["features"]["train_samples"] == 24  # 96 images, 4 classes of 24: 6 each
+    assert main(["eval", "linear", *arch, *common, "linear.epochs=2", "--out", str(tmp_path / "l.json")]) == 0
+    assert json.loads((tmp_path / "l.json").read_text())["features"]["train_samples"] == 24
+    ft = ["finetune.steps=5", "finetune.batch_size=8", "finetune.epochs=1", "finetune.eval_every_epochs=0",
+          "finetune.auto_augment=null", "finetune.mixup=0", "finetune.cutmix=0", "finetune.reprob=0"]
+    assert main(["eval", "finetune", *arch, *common, *ft, "--out", str(tmp_path / "f.json")]) == 0
+    f = json.loads((tmp_path / "f.json").read_text())
+    assert f["features"]["train_samples"] == 24
+    assert f["details"]["steps"] == 5  # steps replace epochs: 3 steps per epoch, cycled into a second epoch
+    assert "25% of the labels" in capsys.readouterr().out
+
+
+def test_eval_without_checkpoint_or_baseline_is_one_line(capsys):
+    assert main(["eval", "knn", *DATA]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cmim: error:") and "--raw-pixels" in err[0]
