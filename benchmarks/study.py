@@ -1,28 +1,47 @@
-"""Small-scale study on Fashion-MNIST: does contrast help masked image modeling, as the papers claim?
+"""Study on Fashion-MNIST: does self-supervised pre-training pay off at CPU scale, and do the papers' claims hold?
 
-Rows: random init, SimMIM (per-patch normalized pixels, and raw pixels as a check), ConMIM (its EMA teacher,
-and its student), ConMIM with both views weak, ConMIM without EMA (teacher = student under stop-gradient),
-MoCo v3, MimCo (with that seed's MoCo v3 teacher).
-Every pre-training run gets the same budget in *epochs* over the same data subset, the same backbone, batch,
-masking and optimizer; each is evaluated by k-NN and a linear probe on cached features (mean-pooled patch
-tokens and CLS token) and by a short fine-tuning run with an equal budget. Claims are judged per metric with a
-two-standard-error rule over seeds.
+Pre-training rows (PRETRAIN below): ConMIM, MoCo v3, MimCo (student of that seed's MoCo v3 teacher) and SimMIM,
+each with its own <= 30-minute CPU recipe; with --ablations also ConMIM with both views weak and ConMIM
+without EMA. Evaluation rows (EVAL): those encoders, plus three baselines that need no pre-training: raw pixels,
+random init and supervised from scratch. Metrics (METRICS), all on the full 60k / 10k split: k-NN (k=20),
+linear probe, linear probe on 1% of the labels, fine-tune on all labels (3 epochs), and fine-tunes on 1% and 10%
+of the labels at an equal optimizer-step budget (FT_LOW_STEPS) for the pre-trained rows and from scratch.
+Claims (CLAIMS) are judged per metric with a two-standard-error rule over seeds.
 
-    python benchmarks/study.py                 # full study (3 seeds, ~2 h on 2 cores); benchmarks/RESULTS.md
-    python benchmarks/study.py --quick         # smoke run, ~5 min on 2 cores; writes to /tmp/cmim_study_quick
-    nohup python benchmarks/study.py > /tmp/study.log 2>&1 &     # the way to run the full study
+    python benchmarks/study.py                      # full study, seeds 0 1 2 -> benchmarks/RESULTS.md,
+                                                    #   benchmarks/results.json, benchmarks/study.png
+    python benchmarks/study.py --ablations          # also the two ConMIM ablation rows (and their claims)
+    python benchmarks/study.py --rows ConMIM "raw pixels"   # only these rows this sitting (MimCo brings its
+                                                    #   MoCo v3 teacher's pre-training); the rest stays in --work
+    python benchmarks/study.py --rows               # run nothing: rewrite the outputs from what --work holds
+    python benchmarks/study.py --quick              # smoke run: the *_fmnist_cpu recipes on 2000 images, small
+                                                    #   eval subsets, one seed; outputs in /tmp/cmim_study_quick
+    nohup python benchmarks/study.py > /tmp/study.out 2>&1 &      # the way to run the full study (hours)
 
-Runs and evaluations already finished in --work are reused, so an interrupted study picks up where it stopped.
+Budget: every pre-training row costs up to 30 min per seed (MimCo: its own run plus its MoCo v3 teacher's), so the
+four main rows over 3 seeds are about 6 h of pre-training on 2 cores, plus the evaluations (each encoder: one
+feature extraction of 70k images, the probes, three fine-tunes).
+
+Resuming: everything lands in --work (default benchmarks/study_runs, ignored by git). A pre-training run that
+finished is reused; one that was interrupted is continued exactly (`cmim pretrain` resumes from its last
+checkpoint, train.resume=auto); each (seed, eval row, metric) result is its own JSON file, reused while the
+checkpoint, the recipe and the overrides that made it are unchanged. So re-invoke the same command after an
+interruption. A run directory made with a different pre-training config stops the study with one line rather
+than being mixed in or overwritten. Every step is logged with a timestamp to <work>/study.log and stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
+import hashlib
 import json
+import logging
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -31,101 +50,640 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+BENCH = REPO / "benchmarks"
 
-# row -> (recipe, overrides). Same backbone/data/optimizer everywhere: the ConMIM CPU recipe's.
-ROWS: dict[str, tuple[str, list[str]]] = {
-    "SimMIM": ("conmim_fmnist_cpu.yaml", ["method=simmim"]),
-    "SimMIM, raw pixels": ("conmim_fmnist_cpu.yaml", ["method=simmim", "simmim.norm_pix=false"]),
-    "ConMIM": ("conmim_fmnist_cpu.yaml", []),
-    "ConMIM, both views weak": ("conmim_fmnist_cpu.yaml", ["conmim.teacher_view=none"]),
-    "ConMIM, no EMA": ("conmim_fmnist_cpu.yaml", ["conmim.momentum=0", "conmim.momentum_final=0"]),
-    "MoCo v3": ("mocov3_fmnist_cpu.yaml", []),
-    "MimCo (MoCo v3 teacher)": ("mimco_fmnist_cpu.yaml", []),
+# ---------------------------------------------------------------------------------------------------------------
+# The design. Edit these tables; nothing below needs to change with them.
+# ---------------------------------------------------------------------------------------------------------------
+
+# pre-training row -> (recipe under configs/, extra overrides, the row whose checkpoint it needs or None).
+# A row with a dependency gets `mimco.teacher=<that seed's checkpoint of the dependency>`.
+PRETRAIN: dict[str, tuple[str, list[str], str | None]] = {
+    "ConMIM": ("conmim_fmnist_30min.yaml", [], None),
+    "MoCo v3": ("mocov3_fmnist_30min.yaml", [], None),
+    "MimCo": ("mimco_fmnist_30min.yaml", [], "MoCo v3"),
+    "SimMIM": ("conmim_fmnist_30min.yaml", ["method=simmim"], None),
 }
-# evaluated row -> (pre-training row whose checkpoint it reads, encoder, fresh weights?). Random init: that run's
-# architecture with fresh weights (MoCo v3's differs: fixed sin-cos position embedding, frozen patch projection).
-# ConMIM and MoCo v3 are evaluated by their EMA teacher, as the references fine-tune it; "ConMIM, student" shows
-# what the online network learned in the same run.
-EVALS: dict[str, tuple[str, str, bool]] = {
-    "random init": ("ConMIM", "teacher", True),
-    "SimMIM": ("SimMIM", "student", False),
-    "SimMIM, raw pixels": ("SimMIM, raw pixels", "student", False),
-    "ConMIM": ("ConMIM", "teacher", False),
-    "ConMIM, student": ("ConMIM", "student", False),
-    "ConMIM, both views weak": ("ConMIM, both views weak", "teacher", False),
-    "ConMIM, no EMA": ("ConMIM, no EMA", "teacher", False),
-    "random init, MoCo v3 architecture": ("MoCo v3", "teacher", True),
-    "MoCo v3": ("MoCo v3", "teacher", False),
-    "MimCo (MoCo v3 teacher)": ("MimCo (MoCo v3 teacher)", "student", False),
+# with --ablations
+ABLATIONS: dict[str, tuple[str, list[str], str | None]] = {
+    "ConMIM, both views weak": ("conmim_fmnist_30min.yaml", ["conmim.teacher_view=none"], None),
+    "ConMIM, no EMA": ("conmim_fmnist_30min.yaml", ["conmim.momentum=0", "conmim.momentum_final=0"], None),
 }
-SLUG = {name: name.split(" (")[0].lower().replace(", ", "-").replace(" ", "-") for name in EVALS}
+# --quick: the recipe each study recipe stands in for, and the tiny budget
+QUICK_RECIPES: dict[str, str] = {
+    "conmim_fmnist_30min.yaml": "conmim_fmnist_cpu.yaml",
+    "mocov3_fmnist_30min.yaml": "mocov3_fmnist_cpu.yaml",
+    "mimco_fmnist_30min.yaml": "mimco_fmnist_cpu.yaml",
+}
+QUICK_PRETRAIN: list[str] = ["data.subset=2000", "train.epochs=1"]
+# every pre-training run of the study (beside train.seed, train.out_dir, data.root): the study evaluates the
+# encoders itself, so the online k-NN monitor is off (it does not change training, only the wall time)
+PRETRAIN_COMMON: list[str] = ["monitor.every_epochs=0", "train.progress=false", "train.tensorboard=false"]
+
+# the pooled feature each row is probed on (k-NN, linear): mean | cls | gridG (e.g. grid2)
+FEATURE: dict[str, str] = {
+    "ConMIM": "mean",
+    "SimMIM": "mean",
+    "MoCo v3": "cls",
+    "MimCo": "cls",
+    "ConMIM, both views weak": "mean",
+    "ConMIM, no EMA": "mean",
+}
+
+# eval row -> (pre-training row or None, encoder, feature, kind). kind: "pretrained" (that row's checkpoint),
+# "random" (that row's recipe architecture with fresh weights), "scratch" (the same, fine-tuned with labels:
+# supervised from scratch), "pixels" (no encoder: the normalized, flattened images).
+EVAL: dict[str, tuple[str | None, str | None, str | None, str]] = {
+    "raw pixels": (None, None, None, "pixels"),
+    "random init": ("ConMIM", "teacher", FEATURE["ConMIM"], "random"),
+    "supervised from scratch": ("ConMIM", None, None, "scratch"),
+    "ConMIM": ("ConMIM", "teacher", FEATURE["ConMIM"], "pretrained"),
+    "MoCo v3": ("MoCo v3", "teacher", FEATURE["MoCo v3"], "pretrained"),
+    "MimCo": ("MimCo", "student", FEATURE["MimCo"], "pretrained"),
+    "SimMIM": ("SimMIM", "student", FEATURE["SimMIM"], "pretrained"),
+}
+EVAL_ABLATIONS: dict[str, tuple[str | None, str | None, str | None, str]] = {
+    "ConMIM, both views weak": ("ConMIM, both views weak", "teacher", FEATURE["ConMIM, both views weak"],
+                                "pretrained"),
+    "ConMIM, no EMA": ("ConMIM, no EMA", "teacher", FEATURE["ConMIM, no EMA"], "pretrained"),
+}
+
+# optimizer steps of the 1% and 10% label fine-tunes, the same for the pre-trained rows and from scratch
+FT_LOW_STEPS = 500
+# metric -> (protocol, eval recipe under configs/, overrides). All on the full split (data.subset=null, no
+# train_subset / test_subset); the linear probes read the k-NN's cached features.
+METRICS: dict[str, tuple[str, str, list[str]]] = {
+    "knn": ("knn", "eval_fmnist_cpu.yaml", []),
+    "linear": ("linear", "eval_fmnist_cpu.yaml", []),
+    "linear_1pct": ("linear", "eval_fmnist_cpu.yaml", ["label_fraction=0.01"]),
+    "finetune": ("finetune", "finetune_fmnist_cpu.yaml", []),
+    "finetune_1pct": ("finetune", "finetune_fmnist_cpu.yaml",
+                      ["label_fraction=0.01", f"finetune.steps={FT_LOW_STEPS}"]),
+    "finetune_10pct": ("finetune", "finetune_fmnist_cpu.yaml",
+                       ["label_fraction=0.1", f"finetune.steps={FT_LOW_STEPS}"]),
+}
+# which metrics each kind of row gets (random init gets no fine-tune: that is "supervised from scratch")
+KIND_METRICS: dict[str, list[str]] = {
+    "pixels": ["knn", "linear", "linear_1pct"],
+    "random": ["knn", "linear", "linear_1pct"],
+    "scratch": ["finetune", "finetune_1pct", "finetune_10pct"],
+    "pretrained": list(METRICS),
+}
+# every fine-tune: the test split is scored once, at the end (the 1%-label runs cycle their 600 images for
+# 125 short epochs and would otherwise be tested after each); the final number is the same
+FT_COMMON: list[str] = ["finetune.eval_every_epochs=0"]
+# from scratch: layer decay only protects pre-trained layers
+SCRATCH: list[str] = ["finetune.layer_decay=1.0"]
+# --quick: small eval subsets and a few fine-tune steps, so the smoke run stays at a few minutes on 2 cores
+QUICK_EVAL: list[str] = ["train_subset=2000", "test_subset=1000", "linear.epochs=20"]
+QUICK_FT: list[str] = ["finetune.max_steps=20"]
+
+LABEL = {"knn": "k-NN (k=20)", "linear": "linear", "linear_1pct": "linear, 1% labels", "finetune": "fine-tune",
+         "finetune_1pct": "fine-tune, 1% labels", "finetune_10pct": "fine-tune, 10% labels"}
+
+# (claim, source, row a, row b, metrics, margin): "a beats b by more than margin points" on each metric.
+# A claim whose rows have no data (e.g. ablations not run) is left out.
+CLAIMS: list[tuple[str, str, str, str, list[str], float]] = [
+    ("ConMIM beats raw pixels", "issue #10", "ConMIM", "raw pixels", ["knn", "linear"], 0.0),
+    ("ConMIM beats supervised from scratch", "issue #10", "ConMIM", "supervised from scratch",
+     ["finetune", "finetune_1pct", "finetune_10pct"], 0.0),
+    ("ConMIM beats supervised from scratch by > 5 points with 1% of the labels", "issue #10", "ConMIM",
+     "supervised from scratch", ["finetune_1pct"], 5.0),
+    ("MimCo beats raw pixels", "issue #10", "MimCo", "raw pixels", ["knn", "linear"], 0.0),
+    ("MimCo beats supervised from scratch", "issue #10", "MimCo", "supervised from scratch",
+     ["finetune", "finetune_1pct", "finetune_10pct"], 0.0),
+    ("MimCo beats supervised from scratch by > 5 points with 1% of the labels", "issue #10", "MimCo",
+     "supervised from scratch", ["finetune_1pct"], 5.0),
+    ("ConMIM beats pixel MIM (SimMIM)", "ConMIM Tab. 1", "ConMIM", "SimMIM", ["knn", "linear", "finetune"], 0.0),
+    ("MimCo's student is more linearly separable than SimMIM's", "MimCo", "MimCo", "SimMIM", ["linear"], 0.0),
+    ("MimCo's student ends above its MoCo v3 teacher", "MimCo", "MimCo", "MoCo v3", ["knn", "linear", "finetune"],
+     0.0),
+    ("The strong teacher view helps", "ConMIM ablation", "ConMIM", "ConMIM, both views weak",
+     ["knn", "linear", "finetune"], 0.0),
+    ("The slowly progressing (EMA) teacher helps", "ConMIM ablation", "ConMIM", "ConMIM, no EMA",
+     ["knn", "linear", "finetune"], 0.0),
+]
+# "pre-training beats random init" (knn, linear) is added for every main row that random init is a fair
+# baseline of: the same recipe architecture and the same probed feature (see random_init_claims)
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def budget(quick: bool) -> dict[str, Any]:
-    if quick:
-        return dict(subset=4000, epochs=1, knn_train=4000, knn_test=1000, ft_subset=2000, ft_epochs=1,
-                    lin_epochs=20, seeds=[0])
-    return dict(subset=20000, epochs=2, knn_train=20000, knn_test=10000, ft_subset=10000, ft_epochs=3,
-                lin_epochs=30, seeds=[0, 1, 2])
+class StudyError(Exception):
+    """A problem the study reports in one line and stops on."""
 
 
-def pretrain_overrides(b: dict[str, Any], seed: int, out: Path) -> list[str]:
-    return [f"data.subset={b['subset']}", f"train.epochs={b['epochs']}", f"train.seed={seed}",
-            f"train.out_dir={out}", "monitor.every_epochs=0", "train.progress=false", "train.tensorboard=false",
-            "data.root=" + fmnist_root()]
+def slug(name: str) -> str:
+    return name.lower().replace(", ", "-").replace(" ", "-")
+
+
+def rel(p: Path | str) -> str:
+    p = Path(p)
+    try:
+        return str(p.resolve().relative_to(REPO))
+    except ValueError:
+        return str(p)
 
 
 @functools.cache
 def fmnist_root() -> str:
-    return subprocess.run(["bash", str(REPO / "scripts" / "get_fashion_mnist.sh")], capture_output=True,
-                          text=True, check=True).stdout.strip().splitlines()[-1]
-
-
-def run_pretrain(recipe: str, overrides: list[str], out: Path, log) -> dict[str, Any]:
-    summary_path = out / "summary.json"
-    if summary_path.exists():
-        s = json.loads(summary_path.read_text())
-        if s["steps"] == s["total_steps"]:
-            return s
-    cmd = [sys.executable, "-m", "cmim.cli", "pretrain", str(CONFIGS / recipe), *overrides]
-    log(f"$ {' '.join(cmd)}")
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(["bash", str(REPO / "scripts" / "get_fashion_mnist.sh")], cwd=REPO, capture_output=True,
+                       text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"pre-training failed ({recipe} {overrides}):\n{r.stderr[-3000:]}")
-    s = json.loads(summary_path.read_text())
-    s["wall_seconds"] = time.perf_counter() - t0
-    summary_path.write_text(json.dumps(s, indent=2))
-    return s
+        raise StudyError("Fashion-MNIST not found: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+    return r.stdout.strip().splitlines()[-1]
 
 
-# The pooled feature each method trains (MoCo v3 and MimCo's image loss train the CLS token; ConMIM and SimMIM
-# train patch tokens, and their references fine-tune with mean pooling). k-NN and the linear probe are run on
-# both features for every row, so that every comparison can also be made like for like.
-FEATURE = {name: ("cls" if name.startswith(("MoCo", "MimCo")) else "mean") for name in EVALS}
-METRICS = ["knn_mean", "knn_cls", "linear_mean", "linear_cls", "finetune"]
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
-def evaluate(ckpt: Path, b: dict[str, Any], seed: int, random_init: bool, encoder: str) -> dict[str, float]:
-    from cmim.eval.run import open_source, run_eval
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
-    common = [f"encoder={encoder}", f"seed={seed}", "data.root=" + fmnist_root(), "data.subset=null"]
-    if random_init:
-        common.append("init=random")
-    out: dict[str, float] = {}
-    recipe = CONFIGS / "eval_fmnist_cpu.yaml"
-    for feature in ("mean", "cls"):
-        # one encoder and config for both probes; the features are extracted once (the linear probe reads the
-        # k-NN's feature cache)
-        src, cfg = open_source(ckpt, recipe, [*common, f"feature={feature}", f"train_subset={b['knn_train']}",
-                                              f"test_subset={b['knn_test']}", f"linear.epochs={b['lin_epochs']}"])
-        out[f"knn_{feature}"] = run_eval("knn", src, cfg, write=False)["top1"]
-        out[f"linear_{feature}"] = run_eval("linear", src, cfg, write=False)["top1"]
-    ft_ov = [*common, f"train_subset={b['ft_subset']}", f"test_subset={b['knn_test']}",
-             f"finetune.epochs={b['ft_epochs']}"]
-    src, cfg = open_source(ckpt, CONFIGS / "finetune_fmnist_cpu.yaml", ft_ov)
-    out["finetune"] = run_eval("finetune", src, cfg, write=False)["top1"]
-    return out
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+@functools.cache
+def parsed_recipe(path: Path) -> str:
+    """The recipe's content (comments and layout ignored, ``_base_`` followed) as canonical JSON."""
+    from cmim.config import _read_yaml
+
+    return json.dumps(_read_yaml(path.resolve()), sort_keys=True, default=str)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.quick: bool = args.quick
+        self.seeds: list[int] = args.seeds or ([0] if self.quick else [0, 1, 2])
+        self.work: Path = (args.work or (Path("/tmp/cmim_study_quick") if self.quick
+                                         else BENCH / "study_runs")).resolve()
+        self.out_dir = self.work if self.quick else BENCH  # RESULTS.md, results.json, study.png
+        self.pretrain_rows = dict(PRETRAIN, **(ABLATIONS if args.ablations else {}))
+        self.all_pretrain = dict(PRETRAIN, **ABLATIONS)
+        self.all_evals = dict(EVAL, **EVAL_ABLATIONS)
+        self.eval_rows = dict(EVAL, **(EVAL_ABLATIONS if args.ablations else {}))
+        self.args = args
+        self.t_start = time.perf_counter()
+        self._sha: dict[Path, str] = {}
+        self._diff: dict[tuple[str, int], list[str]] = {}
+        self._warned: set[tuple[str, int]] = set()
+        self.log_path = self.work / "study.log"
+
+    # --- logging ---------------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(line + "\n")
+
+    # --- rows and recipes ------------------------------------------------------------------------------------
+    def recipe(self, row: str) -> Path:
+        name = self.all_pretrain[row][0]
+        return CONFIGS / (QUICK_RECIPES.get(name, name) if self.quick else name)
+
+    def select(self, names: list[str] | None) -> tuple[list[str], list[str]]:
+        """(pre-training rows to run, in dependency order; eval rows to compute) for --rows."""
+        if names is None:
+            evals = list(self.eval_rows)
+            pre = {self.eval_rows[e][0] for e in evals if self.eval_rows[e][3] == "pretrained"}
+        else:
+            known = {n.lower(): n for n in [*self.all_pretrain, *self.all_evals]}
+            bad = [n for n in names if n.lower() not in known]
+            if bad:
+                raise StudyError(f"--rows: unknown row {bad[0]!r}; rows: " + ", ".join(repr(k) for k in
+                                 dict.fromkeys([*self.all_pretrain, *self.all_evals])))
+            chosen = [known[n.lower()] for n in names]
+            evals = [e for e in self.all_evals if e in chosen]
+            pre = {e for e in chosen if e in self.all_pretrain}
+            pre |= {self.all_evals[e][0] for e in evals if self.all_evals[e][3] == "pretrained"}
+            # a chosen pre-training row is evaluated as its eval rows
+            evals += [e for e, v in self.all_evals.items() if v[3] == "pretrained" and v[0] in pre and e not in evals]
+        order: list[str] = []
+
+        def visit(r: str) -> None:
+            dep = self.all_pretrain[r][2]
+            if dep is not None and dep not in order:
+                visit(dep)
+            if r not in order:
+                order.append(r)
+
+        for r in self.all_pretrain:
+            if r in pre:
+                visit(r)
+        return order, [e for e in self.all_evals if e in evals]
+
+    def check_recipes(self, pre: list[str], evals: list[str]) -> None:
+        need: dict[Path, list[str]] = {}
+        for r in pre:
+            need.setdefault(self.recipe(r), []).append(r)
+        for e in evals:
+            source, _, _, kind = self.all_evals[e]
+            if kind in ("random", "scratch"):
+                assert source is not None
+                need.setdefault(self.recipe(source), []).append(e)
+                model_ov = [o for o in self.all_pretrain[source][1] if o.startswith("model.")]
+                if model_ov:
+                    raise StudyError(f"row {e!r} takes the architecture of {rel(self.recipe(source))}, but row "
+                                     f"{source!r} changes it with {model_ov[0]}: put it into the recipe file")
+            for m in KIND_METRICS[kind]:
+                need.setdefault(CONFIGS / METRICS[m][1], []).append(e)
+        missing = [f"{rel(p)} (for {', '.join(dict.fromkeys(rows))})" for p, rows in need.items() if not p.is_file()]
+        if missing:
+            raise StudyError(f"missing recipe{'s' if len(missing) > 1 else ''}: " + "; ".join(missing)
+                             + ("" if self.quick else " -- add it first (--quick uses the CPU recipes)"))
+
+    # --- pre-training ----------------------------------------------------------------------------------------
+    def run_dir(self, row: str, seed: int | str) -> Path:
+        return self.work / f"seed{seed}" / slug(row)
+
+    def pretrain_overrides(self, row: str, seed: int | str) -> list[str]:
+        _, extra, dep = self.all_pretrain[row]
+        ov = [f"train.seed={seed}", f"train.out_dir={self.run_dir(row, seed)}", f"data.root={fmnist_root()}",
+              *PRETRAIN_COMMON, *(QUICK_PRETRAIN if self.quick else []), *extra]
+        if dep is not None:
+            ov.append(f"mimco.teacher={self.run_dir(dep, seed) / 'checkpoint.pt'}")
+        return ov
+
+    def config_diff(self, row: str, seed: int) -> list[str]:
+        """Keys where the run directory's config.yaml differs from what the study would run now."""
+        if (row, seed) not in self._diff:
+            self._diff[(row, seed)] = self._config_diff(row, seed)
+        return self._diff[(row, seed)]
+
+    def _config_diff(self, row: str, seed: int) -> list[str]:
+        from omegaconf import OmegaConf
+
+        from cmim.config import load_config
+
+        stored = self.run_dir(row, seed) / "config.yaml"
+        if not stored.is_file():
+            return []
+        want = flatten(OmegaConf.to_container(load_config(self.recipe(row), self.pretrain_overrides(row, seed)),
+                                              resolve=True))
+        have = flatten(OmegaConf.to_container(OmegaConf.load(stored)))
+        ignore = ("monitor.", "train.progress", "train.tensorboard", "train.resume", "data.num_workers")
+        return [f"{k}: {have[k]!r} -> {want[k]!r}" for k in sorted(set(want) & set(have))
+                if not k.startswith(ignore) and have[k] != want[k]]
+
+    def finished(self, row: str, seed: int) -> dict[str, Any] | None:
+        out = self.run_dir(row, seed)
+        s = read_json(out / "summary.json")
+        if s and s.get("steps") == s.get("total_steps") and (out / "checkpoint.pt").is_file():
+            return s
+        return None
+
+    def pretrain(self, row: str, seed: int) -> None:
+        out = self.run_dir(row, seed)
+        diff = self.config_diff(row, seed)
+        if diff:
+            raise StudyError(f"seed {seed} {row}: {rel(out)} was pre-trained with another config ({diff[0]}"
+                             f"{f' and {len(diff) - 1} more' if len(diff) > 1 else ''}); move it away or use "
+                             f"another --work")
+        if self.finished(row, seed):
+            self.log(f"seed {seed} {row}: pre-training finished earlier, reused ({rel(out)})")
+            return
+        cmd = [sys.executable, "-m", "cmim.cli", "pretrain", str(self.recipe(row)), *self.pretrain_overrides(row, seed)]
+        out.mkdir(parents=True, exist_ok=True)
+        resumed = (out / "checkpoint.pt").is_file()
+        self.log(f"seed {seed} {row}: pre-training{' (resuming)' if resumed else ''}; log {rel(out / 'pretrain.log')}")
+        self.log("$ " + " ".join(cmd))
+        t0 = time.perf_counter()
+        self._diff.pop((row, seed), None)  # the run writes its config.yaml
+        with open(out / "pretrain.log", "a") as logf:
+            logf.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(cmd)}\n")
+            logf.flush()
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
+            pidfile = self.work / "pretrain.pid"
+            pidfile.write_text(f"{proc.pid} {out}\n")
+            try:
+                rc = proc.wait()
+            except BaseException:  # Ctrl-C / SIGTERM: stop the run too (it resumes from its last checkpoint)
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+            finally:
+                pidfile.unlink(missing_ok=True)
+        if rc != 0:
+            tail = (out / "pretrain.log").read_text().strip().splitlines()[-15:]
+            for line in tail:
+                self.log(f"  | {line}")
+            raise StudyError(f"seed {seed} {row}: `cmim pretrain` failed (exit {rc}); see {rel(out / 'pretrain.log')}")
+        s = self.finished(row, seed)
+        if s is None:
+            raise StudyError(f"seed {seed} {row}: pre-training ended without finishing its steps; see "
+                             f"{rel(out / 'pretrain.log')}")
+        t = self.pretrain_time(row, seed)
+        self.log(f"seed {seed} {row}: pre-trained {s['steps']} steps in {t['seconds'] / 60:.1f} min of training "
+                 f"({t['img_per_s']:.0f} img/s; {(time.perf_counter() - t0) / 60:.1f} min wall)")
+
+    def pretrain_time(self, row: str, seed: int) -> dict[str, float]:
+        """Training seconds and img/s of a finished run. summary.json covers the last invocation only, so a run
+        that was resumed is timed from metrics.jsonl instead (each step counted once, replayed steps at their
+        last timing)."""
+        out = self.run_dir(row, seed)
+        s = self.finished(row, seed)
+        assert s is not None
+        from omegaconf import OmegaConf
+
+        bs = int(OmegaConf.load(out / "config.yaml").train.batch_size)
+        secs, ips = float(s["train_seconds"]), s.get("img_per_s") or 0.0
+        if secs > 0 and round(ips * secs / bs) == s["steps"]:  # one uninterrupted invocation
+            return {"seconds": secs, "img_per_s": ips, "source": "summary.json"}
+        by_step: dict[int, float] = {}
+        for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("kind") == "train" and r.get("img_per_s"):
+                by_step[int(r["step"])] = float(r["img_per_s"])
+        total, prev = 0.0, 0
+        for step in sorted(by_step):
+            total += (step - prev) * bs / by_step[step]
+            prev = step
+        if total <= 0:
+            return {"seconds": secs, "img_per_s": ips, "source": "summary.json"}
+        return {"seconds": total, "img_per_s": prev * bs / total, "source": "metrics.jsonl"}
+
+    def checkpoint_sha(self, row: str, seed: int) -> str:
+        p = self.run_dir(row, seed) / "checkpoint.pt"
+        key = p.resolve()
+        if key not in self._sha:
+            self._sha[key] = sha256_file(p)
+        return self._sha[key]
+
+    # --- evaluation ------------------------------------------------------------------------------------------
+    def eval_spec(self, name: str, metric: str, seed: int | str) -> dict[str, Any]:
+        """What computes one (row, metric, seed): protocol, recipe, overrides and source arguments."""
+        source, encoder, feature, kind = self.all_evals[name]
+        protocol, recipe, extra = METRICS[metric]
+        ov = [f"seed={seed}", f"data.root={fmnist_root()}", "data.subset=null"]
+        if kind == "pretrained":
+            ov.append(f"encoder={encoder}")
+        if protocol != "finetune" and feature is not None:
+            ov.append(f"feature={feature}")
+        ov += extra
+        if protocol == "finetune":
+            ov += FT_COMMON + (SCRATCH if kind == "scratch" else [])
+        if self.quick:
+            ov += QUICK_EVAL + (QUICK_FT if protocol == "finetune" else [])
+        spec: dict[str, Any] = {"protocol": protocol, "recipe": CONFIGS / recipe, "overrides": ov, "kind": kind,
+                                "path": None, "arch": None, "raw_pixels": kind == "pixels"}
+        if kind == "pretrained":
+            spec["path"] = self.run_dir(source, seed) / "checkpoint.pt"  # type: ignore[arg-type]
+        elif kind in ("random", "scratch"):
+            spec["arch"] = self.recipe(source)  # type: ignore[arg-type]
+        return spec
+
+    def command(self, spec: dict[str, Any]) -> str:
+        what = ("--raw-pixels" if spec["raw_pixels"] else f"--arch {rel(spec['arch'])}" if spec["arch"]
+                else rel(spec["path"]))
+        return f"cmim eval {spec['protocol']} {what} -c {rel(spec['recipe'])} {' '.join(spec['overrides'])}"
+
+    def fingerprint(self, name: str, spec: dict[str, Any], seed: int) -> str | None:
+        """Identifies what a result was computed from; None when its checkpoint is not ready."""
+        source = self.all_evals[name][0]
+        if spec["kind"] == "pretrained":
+            assert source is not None
+            if not self.finished(source, seed) or self.config_diff(source, seed):
+                return None
+            weights = self.checkpoint_sha(source, seed)
+        elif spec["arch"] is not None:
+            weights = parsed_recipe(spec["arch"])
+        else:
+            weights = "pixels"
+        blob = json.dumps({"protocol": spec["protocol"], "recipe": parsed_recipe(spec["recipe"]),
+                           "overrides": spec["overrides"], "kind": spec["kind"], "weights": weights})
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def result_path(self, name: str, metric: str, seed: int) -> Path:
+        return self.work / f"seed{seed}" / "eval" / slug(name) / f"{metric}.json"
+
+    def cached(self, name: str, metric: str, seed: int) -> dict[str, Any] | None:
+        r = read_json(self.result_path(name, metric, seed))
+        if not r:
+            return None
+        fp = self.fingerprint(name, self.eval_spec(name, metric, seed), seed)
+        return r if fp is not None and r.get("fingerprint") == fp else None
+
+    def evaluate(self, name: str, seed: int) -> None:
+        from cmim.eval.run import open_source, run_eval
+
+        for metric in KIND_METRICS[self.all_evals[name][3]]:
+            if self.cached(name, metric, seed):
+                continue
+            spec = self.eval_spec(name, metric, seed)
+            fp = self.fingerprint(name, spec, seed)
+            if fp is None:
+                self.log(f"seed {seed} {name} {metric}: skipped, its pre-training run is not finished")
+                return
+            path = self.result_path(name, metric, seed)
+            if path.exists():
+                self.log(f"seed {seed} {name} {metric}: stored result is stale (checkpoint, recipe or overrides "
+                         f"changed), recomputing")
+            cmd = self.command(spec)
+            self.log(f"seed {seed} {name} {metric}: $ {cmd} cache_dir={rel(self.work / 'features')}")
+            t0 = time.perf_counter()
+            src, cfg = open_source(spec["path"], spec["recipe"],
+                                   [*spec["overrides"], f"cache_dir={self.work / 'features'}"],
+                                   raw_pixels=spec["raw_pixels"], arch=spec["arch"])
+            res = run_eval(spec["protocol"], src, cfg, write=False)
+            secs = time.perf_counter() - t0
+            write_json(path, {"row": name, "metric": metric, "seed": seed, "top1": res["top1"], "top5": res["top5"],
+                              "seconds": secs, "fingerprint": fp, "command": cmd, "result": res})
+            self.log(f"seed {seed} {name} {metric}: top-1 {res['top1']:.2f}% ({secs:.0f} s)")
+
+    # --- gathering and reporting -----------------------------------------------------------------------------
+    def gather(self) -> dict[str, Any]:
+        """Everything valid in --work: per eval row, metric -> [(seed, top-1)], and timings."""
+        rows: dict[str, dict[str, list[tuple[int, float]]]] = {}
+        eval_seconds = 0.0
+        for name, (_, _, _, kind) in self.all_evals.items():
+            got: dict[str, list[tuple[int, float]]] = {}
+            for seed in self.seeds:
+                for metric in KIND_METRICS[kind]:
+                    r = self.cached(name, metric, seed)
+                    if r:
+                        got.setdefault(metric, []).append((seed, float(r["top1"])))
+                        eval_seconds += float(r.get("seconds", 0.0))
+            if got:
+                rows[name] = got
+        own: dict[str, dict[int, dict[str, float]]] = {}
+        for row in self.all_pretrain:
+            for seed in self.seeds:
+                if not self.finished(row, seed):
+                    continue
+                diff = self.config_diff(row, seed)
+                if not diff:
+                    own.setdefault(row, {})[seed] = self.pretrain_time(row, seed)
+                elif (row, seed) not in self._warned:
+                    self._warned.add((row, seed))
+                    self.log(f"seed {seed} {row}: {rel(self.run_dir(row, seed))} was pre-trained with another config "
+                             f"({diff[0]}); its results are left out")
+
+        def total(row: str, seed: int) -> float | None:
+            t = own.get(row, {}).get(seed)
+            if t is None:
+                return None
+            dep = self.all_pretrain[row][2]
+            if dep is None:
+                return t["seconds"]
+            d = total(dep, seed)
+            return None if d is None else t["seconds"] + d
+
+        minutes: dict[str, dict[str, list[tuple[int, float]]]] = {}
+        for name, (source, _, _, kind) in self.all_evals.items():
+            if kind != "pretrained" or source not in own:
+                continue
+            m = minutes.setdefault(name, {"total": [], "own": [], "img_per_s": []})
+            for seed, t in sorted(own[source].items()):
+                tot = total(source, seed)
+                if tot is not None:
+                    m["total"].append((seed, tot / 60))
+                m["own"].append((seed, t["seconds"] / 60))
+                m["img_per_s"].append((seed, t["img_per_s"]))
+        pre_seconds = sum(t["seconds"] for r in own.values() for t in r.values())
+        return {"rows": rows, "minutes": minutes, "eval_seconds": eval_seconds, "pretrain_seconds": pre_seconds}
+
+    def random_init_claims(self) -> list[tuple[str, str, str, str, list[str], float]]:
+        src, _, feat, _ = self.all_evals["random init"] if "random init" in self.all_evals else (None,) * 4
+        out = []
+        for name, (source, _, feature, kind) in EVAL.items():
+            if kind != "pretrained" or source is None or src is None:
+                continue
+            same_arch = self.all_pretrain[source][0] == self.all_pretrain[src][0] and not any(
+                o.startswith("model.") for o in self.all_pretrain[source][1])
+            if same_arch and feature == feat:
+                out.append((f"{name} pre-training beats random init", "sanity", name, "random init",
+                            ["knn", "linear"], 0.0))
+        return out
+
+    def write_outputs(self, g: dict[str, Any]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.out_dir / "results.json", results_json(g, self.seeds))
+        try:
+            plot(g, self.all_evals, self.out_dir / "study.png", self.quick)
+        except Exception as e:  # noqa: BLE001 - a missing matplotlib must not lose the table
+            self.log(f"plot not written: {type(e).__name__}: {e}")
+        (self.out_dir / "RESULTS.md").write_text(self.markdown(g))
+        self.log(f"wrote {rel(self.out_dir / 'RESULTS.md')}, results.json, study.png")
+
+    def markdown(self, g: dict[str, Any]) -> str:
+        rows, minutes = g["rows"], g["minutes"]
+        n = len(self.seeds)
+        hours = (g["pretrain_seconds"] + g["eval_seconds"]) / 3600
+        quick = " --quick" if self.quick else ""
+        L = ["# Does self-supervised pre-training pay off at CPU scale? (Fashion-MNIST, 2 CPU cores)", ""]
+        L += [f"Made by `python benchmarks/study.py{quick}` on {machine()}, seeds {self.seeds}: {hours:.1f} h of "
+              f"compute in all ({g['pretrain_seconds'] / 3600:.1f} h pre-training, {g['eval_seconds'] / 3600:.1f} h "
+              f"evaluation). The numbers are also in [`results.json`](results.json); each pre-training run and each "
+              f"(seed, row, metric) result is kept in `{rel(self.work)}`.", ""]
+        if self.quick:
+            L += ["**This is a --quick smoke run** (CPU recipes on 2000 images for one epoch, 2000 / 1000 eval "
+                  "images, 20 fine-tune steps): its numbers only show that the pipeline runs.", ""]
+        L += ["## Design", ""]
+        L += ["Pre-training (one run per row and seed; `train.seed` = the seed; MimCo's teacher is the MoCo v3 "
+              "checkpoint of the same seed):", ""]
+        for row, (_, extra, dep) in self.all_pretrain.items():
+            if row in self.pretrain_rows or row in minutes:
+                ex = f" `{' '.join(extra)}`" if extra else ""
+                L.append(f"- **{row}**: `{rel(self.recipe(row))}`{ex}"
+                         + (f", `mimco.teacher=` the {dep} checkpoint" if dep else ""))
+        L += ["", "Evaluation on the test split (10k images) after training on the train split (60k), full split "
+              "unless a label share is given (class-balanced, drawn with the seed, the same images for every row):",
+              ""]
+        for m, (proto, recipe, extra) in METRICS.items():
+            L.append(f"- **{LABEL[m]}**: `cmim eval {proto} -c configs/{recipe}`"
+                     + (f" `{' '.join(extra)}`" if extra else ""))
+        L += ["", "Encoders and probed features (k-NN, linear; fine-tuning mean-pools the patch tokens): "
+              + "; ".join(f"{e}: {enc} encoder, {feat} feature" for e, (_, enc, feat, kind) in self.all_evals.items()
+                          if kind == "pretrained" and e in rows) + ". Baselines: *raw pixels* = the normalized, "
+              "flattened image as the feature (same protocol); *random init* = ConMIM's architecture with fresh "
+              f"weights (seeded), probed on {self.all_evals['random init'][2]} features; *supervised from scratch* = "
+              f"that architecture fine-tuned from fresh weights with the same fine-tune recipe and budget "
+              f"(`finetune.layer_decay=1.0`). The 1% and 10% fine-tunes all take {FT_LOW_STEPS} optimizer steps. "
+              f"`pretrain_minutes` is the training time of the row's run (MimCo: plus its MoCo v3 teacher's; "
+              f"`pretrain_minutes_own` without it), from each run's summary (or its metrics log when it was "
+              f"resumed); in results.json it is given as {{mean, std, values}} like the metrics.", ""]
+        L += ["## Results (top-1 %, mean ± std over seeds)", ""]
+        L += ["| row | " + " | ".join(LABEL[m] for m in METRICS) + " | pre-train min (own) | pre-train img/s |",
+              "|---" * (len(METRICS) + 3) + "|"]
+        for name in self.all_evals:
+            if name not in rows:
+                continue
+            cells = []
+            for m in METRICS:
+                vals = [v for _, v in rows[name].get(m, [])]
+                cells.append(fmt(vals) + (f" (n={len(vals)})" if 0 < len(vals) < n else ""))
+            mt = minutes.get(name)
+            if mt:
+                tot, own = [v for _, v in mt["total"]], [v for _, v in mt["own"]]
+                pm = fmt(tot, 1) + (f" ({fmt(own, 1)})" if own != tot else "")
+                ips = fmt([v for _, v in mt["img_per_s"]], 0)
+            else:
+                pm = ips = "-"
+            L.append(f"| {name} | " + " | ".join(cells) + f" | {pm} | {ips} |")
+        L += ["", "![study](study.png)", "", "## Claims", ""]
+        L += ["| claim [source] | a vs b | metric | a | b | gap | 2·SE | verdict |", "|---" * 8 + "|"]
+        for text, source, a, b, metrics, margin in [*CLAIMS, *self.random_init_claims()]:
+            for m in metrics:
+                va = [v for _, v in rows.get(a, {}).get(m, [])]
+                vb = [v for _, v in rows.get(b, {}).get(m, [])]
+                if not va or not vb:
+                    continue
+                v, gap, two_se = verdict(va, vb, margin)
+                L.append(f"| {text} [{source}] | {a} vs {b} | {LABEL[m]} | {fmt(va)} | {fmt(vb)} | {gap:+.2f} | "
+                         f"{two_se:.2f} | *{v}* |")
+        L += ["", "Verdict rule, per metric: *held* when the mean gap over seeds (minus the claimed margin, if any) "
+              "exceeds twice its standard error (unpaired: √(s_a²/n_a + s_b²/n_b)), *did not hold* when it is that "
+              "far the other way, otherwise *inconclusive* (always with a single seed).", ""]
+        notes = BENCH / "study_notes.md"
+        if notes.exists():
+            L += [notes.read_text().strip(), ""]
+        L += ["## Commands", "", "Every run and result above, `S` standing for the seed "
+              f"(the study runs them in-process and in `{rel(self.work)}`):", "", "```bash"]
+        for row in self.all_pretrain:
+            if row in self.pretrain_rows or row in minutes:
+                ov = self.pretrain_overrides(row, "S")
+                L.append(show(f"cmim pretrain {rel(self.recipe(row))} " + " ".join(ov)))
+        for name, (_, _, _, kind) in self.all_evals.items():
+            if name not in rows:
+                continue
+            for m in KIND_METRICS[kind]:
+                L.append(show(self.command(self.eval_spec(name, m, "S"))))
+        L += ["```", "", f"`$FMNIST` is the Fashion-MNIST directory (`scripts/get_fashion_mnist.sh` prints it; here "
+              f"`{fmnist_root()}`).", ""]
+        return "\n".join(L)
+
+
+def show(cmd: str) -> str:
+    """A command as RESULTS.md prints it: repository paths relative, the data directory as $FMNIST."""
+    return cmd.replace(fmnist_root(), "$FMNIST").replace(str(REPO) + "/", "")
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -141,123 +699,90 @@ def fmt(xs: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {sd:.{digits}f}" if len(xs) > 1 else f"{m:.{digits}f}"
 
 
-def verdict(a: list[float], b: list[float]) -> tuple[str, float, float]:
-    """(verdict, gap, 2·SE): 'held' when mean(a) - mean(b) exceeds twice its standard error, 'did not hold' when
-    it is that far the other way, else 'inconclusive' (always, with a single seed)."""
+def verdict(a: list[float], b: list[float], margin: float = 0.0) -> tuple[str, float, float]:
+    """(verdict, gap, 2·SE): 'held' when mean(a) - mean(b) - margin exceeds twice its standard error, 'did not
+    hold' when it is that far the other way, else 'inconclusive' (always with a single seed)."""
+    if min(len(a), len(b)) < 2:
+        return "inconclusive (one seed)", mean_std(a)[0] - mean_std(b)[0], 0.0
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     gap = ma - mb
-    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b)) if len(a) > 1 and len(b) > 1 else 0.0
-    if se == 0.0:
-        return ("inconclusive (one seed)" if min(len(a), len(b)) < 2 else "inconclusive"), gap, 0.0
-    if gap > 2 * se:
-        return "held", gap, 2 * se
-    if gap < -2 * se:
-        return "did not hold", gap, 2 * se
-    return "inconclusive", gap, 2 * se
+    two_se = 2 * math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    if gap - margin > two_se:
+        return "held", gap, two_se
+    if gap - margin < -two_se:
+        return "did not hold", gap, two_se
+    return "inconclusive", gap, two_se
 
 
-LABEL = {"knn_mean": "k-NN, mean", "knn_cls": "k-NN, CLS", "linear_mean": "linear, mean",
-         "linear_cls": "linear, CLS", "finetune": "fine-tune"}
+def stat(pairs: list[tuple[int, float]], digits: int = 3) -> dict[str, Any]:
+    vals = [v for _, v in sorted(pairs)]
+    m, sd = mean_std(vals)
+    return {"mean": round(m, digits), "std": round(sd, digits), "values": [round(v, digits) for v in vals]}
 
 
-def plot(results: dict[str, dict[str, list[float]]], path: Path) -> None:
+def results_json(g: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    out_rows = []
+    for name, got in g["rows"].items():
+        row: dict[str, Any] = {"name": name}
+        for m in METRICS:
+            if got.get(m):
+                row[m] = stat(got[m])
+        mt = g["minutes"].get(name)
+        if mt and mt["total"]:
+            row["pretrain_minutes"] = stat(mt["total"], 2)
+            row["pretrain_minutes_own"] = stat(mt["own"], 2)
+        out_rows.append(row)
+    return {"dataset": "fashion-mnist", "seeds": list(seeds), "rows": out_rows}
+
+
+def plot(g: dict[str, Any], evals: dict[str, tuple], path: Path, quick: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 0.45 * len(names) + 1.6))
-    for ax, metric in zip(axes, METRICS):
-        means = [mean_std(results[n][metric])[0] if results[n][metric] else 0 for n in names]
-        stds = [mean_std(results[n][metric])[1] if results[n][metric] else 0 for n in names]
-        ax.barh(names, means, xerr=stds, color=["#999" if n.startswith("random") else "#4c72b0" for n in names])
-        lo = min(m for m in means if m > 0) - 5
-        ax.set_xlim(max(0, lo), min(100, max(m + s for m, s in zip(means, stds)) + 4))
-        ax.set_title(f"{LABEL[metric]} top-1 (%)")
+    rows = g["rows"]
+    metrics = list(METRICS)
+    ncol = 3
+    nrow = math.ceil(len(metrics) / ncol)
+    n_bars = max(1, max(sum(1 for r in rows.values() if m in r) for m in metrics))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, nrow * (0.42 * n_bars + 1.8)), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        bars = [(n, mean_std([v for _, v in rows[n][metric]])) for n in rows
+                if metric in rows[n] and evals[n][3] in ("pretrained", "random")]
+        lines = [(n, mean_std([v for _, v in rows[n][metric]])) for n in rows
+                 if metric in rows[n] and evals[n][3] in ("pixels", "scratch")]
+        ax.set_title(f"{LABEL[metric]}: top-1 (%)")
+        if not bars and not lines:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
+            continue
+        names = [n for n, _ in bars]
+        means = [m for _, (m, _) in bars]
+        stds = [s for _, (_, s) in bars]
+        colors = ["#999999" if evals[n][3] == "random" else "#9ab0d6" if n in EVAL_ABLATIONS else "#4c72b0"
+                  for n in names]
+        ax.barh(range(len(names)), means, xerr=stds, color=colors, capsize=3)
+        ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
-        if ax is not axes[0]:
-            ax.set_yticklabels([])
         for i, (m, sd) in enumerate(zip(means, stds)):
-            ax.text(m + sd + 0.2, i, f"{m:.1f}", va="center", fontsize=8)
-    fig.suptitle("Fashion-MNIST, equal pre-training epochs, mean ± std over seeds")
+            ax.text(m + sd + 0.3, i, f"{m:.1f}", va="center", fontsize=8)
+        for (n, (m, sd)), color in zip(lines, ("#c44e52", "#dd8452")):
+            ax.axvline(m, ls="--", color=color, lw=1.5, label=f"{n} {m:.1f}")
+            if sd > 0:
+                ax.axvspan(m - sd, m + sd, color=color, alpha=0.12)
+        if lines:
+            ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+        lo = min([m - s for m, s in zip(means, stds)] + [m - s for _, (m, s) in lines])
+        hi = max([m + s for m, s in zip(means, stds)] + [m + s for _, (m, s) in lines])
+        ax.set_xlim(max(0.0, lo - 5), min(100.0, hi + 4))
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle("Fashion-MNIST, mean ± std over seeds; dashed: raw pixels (probes), supervised from scratch "
+                 "(fine-tunes)" + (" [--quick smoke run]" if quick else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# (claim, its source, row a, row b, metrics): "a beats b" on each metric
-CLAIMS = [
-    ("ConMIM beats pixel MIM (SimMIM)", "ConMIM Tab. 1", "ConMIM", "SimMIM",
-     ["finetune", "knn_mean", "linear_mean"]),
-    ("The strong teacher view helps", "ConMIM ablation", "ConMIM", "ConMIM, both views weak",
-     ["finetune", "knn_mean", "linear_mean"]),
-    ("The slowly progressing (EMA) teacher helps", "ConMIM ablation", "ConMIM", "ConMIM, no EMA",
-     ["finetune", "knn_mean", "linear_mean"]),
-    ("A contrastive teacher makes MIM features more linearly separable", "MimCo", "MimCo (MoCo v3 teacher)",
-     "SimMIM", ["linear_cls", "linear_mean", "knn_cls", "knn_mean"]),
-    ("MimCo's student ends above its contrastive teacher", "MimCo", "MimCo (MoCo v3 teacher)", "MoCo v3",
-     ["finetune", "linear_cls", "knn_cls"]),
-    ("Sanity: ConMIM pre-training beats random init", "-", "ConMIM", "random init",
-     ["finetune", "knn_mean", "linear_mean"]),
-    ("Sanity: SimMIM pre-training beats random init", "-", "SimMIM", "random init",
-     ["finetune", "knn_mean", "linear_mean"]),
-    ("Sanity: MoCo v3 pre-training beats random init of its architecture", "-", "MoCo v3",
-     "random init, MoCo v3 architecture", ["finetune", "knn_cls", "linear_cls"]),
-    ("Raw-pixel targets do better than normalized ones (our check)", "-", "SimMIM, raw pixels", "SimMIM",
-     ["finetune", "knn_mean", "linear_mean"]),
-]
-
-
-def write_results(results, timing, b, args, spent: dict[str, float], out_md: Path, notes: Path) -> None:
-    n_seeds = max(len(r["finetune"]) for r in results.values())
-    total = (spent["pretrain"] + spent["eval"]) / 60
-    lines = ["# Small-scale study: does contrast help MIM? (Fashion-MNIST, CPU)", ""]
-    lines += [f"Made by `python benchmarks/study.py{' --quick' if args.quick else ''}` on {machine()}: "
-              f"{n_seeds} of {len(b['seeds'])} seeds, {total:.0f} min in all ({spent['pretrain'] / 60:.0f} min "
-              f"pre-training, {spent['eval'] / 60:.0f} min evaluation; wall-clock of each run, summed).", ""]
-    steps = b["subset"] * b["epochs"] // 256
-    lines += [f"**Budget: equal epochs** for every method: {b['epochs']} epochs over the first {b['subset']} "
-              f"Fashion-MNIST training images ({steps} steps of 256), the same backbone (ViT, 128 wide, 4 blocks, "
-              f"4 heads, 4 px patches on 28x28), batch, masking (random 50%) and AdamW; each method's own recipe "
-              f"for the rest (`configs/*_fmnist_cpu.yaml`). Seeds {b['seeds']} (seed = pre-training seed = "
-              f"evaluation seed). Evaluation on the test split: k-NN (k=20, {b['knn_train']} train / "
-              f"{b['knn_test']} test images) and linear probe (BN + linear on cached features, {b['lin_epochs']} "
-              f"epochs), each on the mean of the patch tokens and on the CLS token; fine-tuning "
-              f"({b['ft_epochs']} epochs on {b['ft_subset']} train images, `configs/finetune_fmnist_cpu.yaml`: "
-              f"mean pooling, Mixup, RandAugment, layer decay; {b['knn_test']} test images). The evaluated "
-              f"encoder is the EMA teacher for ConMIM and MoCo v3 (what the references fine-tune) and the student "
-              f"for SimMIM and MimCo; the row *ConMIM, student* evaluates the ConMIM run's student. The feature "
-              f"each method trains is in **bold**.", ""]
-    lines += ["| method | " + " | ".join(LABEL[m] for m in METRICS) + " | pre-train img/s | pre-train time (s) |",
-              "|---" * (len(METRICS) + 3) + "|"]
-    for name, r in results.items():
-        t = timing.get(name, {})
-        cells = []
-        for m in METRICS:
-            cell = fmt(r[m])
-            bold = m.endswith(FEATURE[name]) and cell != "-" and not name.startswith("random")
-            cells.append(f"**{cell}**" if bold else cell)
-        secs = fmt(t.get("seconds", []), 0)
-        if name.startswith("MimCo") and t.get("teacher_seconds"):
-            secs += f" (+ teacher {fmt(t['teacher_seconds'], 0)})"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(t.get('img_per_s', []), 0)} | {secs} |")
-    lines += ["", "![study](study.png)", "", "## The papers' claims at this scale", ""]
-    lines += ["| claim [source] | rows compared (a vs b) | metric | a | b | gap | 2·SE | verdict |",
-              "|---|---|---|---|---|---|---|---|"]
-    for text, source, a, bname, metrics in CLAIMS:
-        for m in metrics:
-            if results.get(a, {}).get(m) and results.get(bname, {}).get(m):
-                v, gap, two_se = verdict(results[a][m], results[bname][m])
-                lines.append(f"| {text} [{source}] | {a} vs {bname} | {LABEL[m]} | {fmt(results[a][m])} | "
-                             f"{fmt(results[bname][m])} | {gap:+.2f} | {two_se:.2f} | *{v}* |")
-    lines += ["", "Verdict rule, per metric: *held* when the mean gap over seeds exceeds twice its standard error "
-              "(unpaired), *did not hold* when it is that far the other way, otherwise *inconclusive*.", ""]
-    if notes.exists():
-        lines += [notes.read_text().strip(), ""]
-    lines += ["## Raw numbers", "", "```json", json.dumps({"results": results, "timing": timing, "budget": b},
-                                                          indent=1), "```", ""]
-    out_md.write_text("\n".join(lines))
 
 
 def machine() -> str:
@@ -272,65 +797,101 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def print_table(g: dict[str, Any], all_evals: dict[str, tuple]) -> None:
+    rows = g["rows"]
+    cols = [m for m in METRICS if any(m in r for r in rows.values())]
+    head = ["row", *cols, "pretrain_min"]
+    table = [head]
+    for name in all_evals:
+        if name in rows:
+            mt = g["minutes"].get(name)
+            table.append([name, *(fmt([v for _, v in rows[name].get(m, [])]) for m in cols),
+                          fmt([v for _, v in mt["total"]], 1) if mt else "-"])
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)), flush=True)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def orphan_run(work: Path) -> str | None:
+    """A `cmim pretrain` child of an earlier study that is still running (its parent was killed)."""
+    try:
+        pid_s, out = (work / "pretrain.pid").read_text().split(maxsplit=1)
+        cmdline = Path(f"/proc/{int(pid_s)}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+    return f"pid {pid_s} in {out.strip()}" if "pretrain" in cmdline else None
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one seed, tiny budget (~5 min on 2 cores)")
-    ap.add_argument("--work", type=Path, default=None, help="run directory (default benchmarks/study_runs, "
-                    "or /tmp/cmim_study_quick with --quick)")
-    ap.add_argument("--seeds", type=int, nargs="*", default=None)
-    ap.add_argument("--results", type=Path, default=None, help="markdown output (default benchmarks/RESULTS.md; "
-                    "--quick: <work>/RESULTS.md)")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(x for x in __doc__.splitlines() if x.startswith("    ")))
+    ap.add_argument("--quick", action="store_true", help="smoke run: CPU recipes, tiny budget, one seed; "
+                    "outputs in the work dir")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
+    ap.add_argument("--work", type=Path, default=None, help="runs and results (default benchmarks/study_runs; "
+                    "--quick: /tmp/cmim_study_quick)")
+    ap.add_argument("--ablations", action="store_true", help="also the ConMIM ablation rows")
+    ap.add_argument("--rows", nargs="*", default=None, metavar="NAME",
+                    help="only these pre-training / baseline rows (none: only rewrite the outputs)")
     args = ap.parse_args()
-    b = budget(args.quick)
-    if args.seeds:
-        b["seeds"] = args.seeds
-    work = args.work or (Path("/tmp/cmim_study_quick") if args.quick else REPO / "benchmarks" / "study_runs")
-    out_md = args.results or (work / "RESULTS.md" if args.quick else REPO / "benchmarks" / "RESULTS.md")
-    work.mkdir(parents=True, exist_ok=True)
-    log_path = work / "study.log"
+    study = Study(args)
+    study.work.mkdir(parents=True, exist_ok=True)
+    lock = open(study.work / "study.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print(f"study: another study.py is running in {study.work}", file=sys.stderr)
+        return 1
+    orphan = orphan_run(study.work)
+    if orphan:
+        print(f"study: a pre-training run of an earlier study is still running ({orphan}); wait for it or stop "
+              f"it first", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _terminate)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] cmim: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    file_handler = logging.FileHandler(study.log_path)
+    file_handler.setFormatter(handler.formatter)
+    cmim_log = logging.getLogger("cmim")
+    cmim_log.setLevel(logging.INFO)
+    cmim_log.addHandler(handler)
+    cmim_log.addHandler(file_handler)
+    cmim_log.propagate = False
+    from cmim.config import ConfigError
 
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        with open(log_path, "a") as f:
-            f.write(line + "\n")
-
-    t_start = time.perf_counter()
-    results = {name: {m: [] for m in METRICS} for name in EVALS}
-    timing: dict[str, dict[str, list[float]]] = {name: {} for name in ROWS}
-    spent = {"pretrain": 0.0, "eval": 0.0}  # seconds, summed over the runs (reused ones included)
-    for seed in b["seeds"]:
-        ckpts: dict[str, Path] = {}
-        for name, (recipe, extra) in ROWS.items():
-            out = work / f"seed{seed}" / SLUG[name]
-            ov = pretrain_overrides(b, seed, out) + extra
-            if name.startswith("MimCo"):
-                ov.append(f"mimco.teacher={ckpts['MoCo v3']}")
-            s = run_pretrain(recipe, ov, out, log)
-            spent["pretrain"] += s.get("wall_seconds", s["train_seconds"])
-            ckpts[name] = out / "checkpoint.pt"
-            timing[name].setdefault("img_per_s", []).append(s["img_per_s"])
-            timing[name].setdefault("seconds", []).append(s["train_seconds"])
-            log(f"seed {seed} {name}: pre-trained {s['steps']} steps, {s['img_per_s']:.0f} img/s, "
-                f"{s['train_seconds']:.0f} s")
-        timing["MimCo (MoCo v3 teacher)"].setdefault("teacher_seconds", []).append(timing["MoCo v3"]["seconds"][-1])
-        for name, (source, encoder, random_init) in EVALS.items():
-            cache = work / f"seed{seed}" / f"eval-{SLUG[name]}.json"
-            res = json.loads(cache.read_text()) if cache.exists() else None
-            if res is None or not set(METRICS) <= set(res):
-                t0 = time.perf_counter()
-                res = evaluate(ckpts[source], b, seed, random_init, encoder)
-                res["seconds"] = time.perf_counter() - t0
-                cache.write_text(json.dumps(res))
-                log(f"seed {seed} {name}: {res} ({res['seconds']:.0f} s)")
-            for k in METRICS:
-                results[name][k].append(res[k])
-            spent["eval"] += res.get("seconds", 0.0)
-        # write after every seed, so a partial study still leaves a table
-        plot(results, out_md.parent / "study.png")
-        write_results(results, timing, b, args, spent, out_md, REPO / "benchmarks" / "study_notes.md")
-        log(f"seed {seed} done; wrote {out_md}")
-    log(f"study finished in {(time.perf_counter() - t_start) / 60:.1f} min")
+    try:
+        pre, evals = study.select(args.rows)
+        study.check_recipes(pre, evals)
+        study.log(f"study{' --quick' if study.quick else ''}: seeds {study.seeds}, work {study.work}, "
+                  f"pre-training rows {pre or 'none'}, eval rows {evals or 'none'}; {machine()}")
+        fmnist_root()
+        for seed in study.seeds:  # baselines first, then each pre-training row and its evaluations
+            for name in [e for e in evals if study.all_evals[e][3] != "pretrained"]:
+                study.evaluate(name, seed)
+                study.write_outputs(study.gather())
+            for row in pre:
+                study.pretrain(row, seed)
+                for name in evals:
+                    source, _, _, kind = study.all_evals[name]
+                    if kind == "pretrained" and source == row:
+                        study.evaluate(name, seed)
+                        study.write_outputs(study.gather())
+        g = study.gather()
+        study.write_outputs(g)
+    except (StudyError, ConfigError) as e:
+        study.log(f"study: error: {e}")
+        return 1
+    except KeyboardInterrupt as e:
+        study.log(f"study: interrupted ({e or 'Ctrl-C'}); re-invoke the same command to continue")
+        return 130
+    print_table(g, study.all_evals)
+    study.log(f"study finished in {(time.perf_counter() - study.t_start) / 60:.1f} min; "
+              f"outputs in {rel(study.out_dir)}")
     return 0
 
 

@@ -102,3 +102,68 @@ def test_eval_without_checkpoint_or_baseline_is_one_line(capsys):
     assert main(["eval", "knn", *DATA]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cmim: error:") and "--raw-pixels" in err[0]
+
+
+def test_monitor_prints_raw_pixels_beside_random_init_and_pretrained(tmp_path, capsys):
+    from conftest import tiny_overrides
+
+    assert main(["pretrain", "configs/conmim_fmnist_cpu.yaml", *tiny_overrides(tmp_path), "train.epochs=1",
+                 "monitor.encoder=student"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    pix = summary["knn_raw_pixels"]
+    assert 0 <= pix["knn_top1"] <= 100 and pix["k"] == 5
+    line = next(ln for ln in out.splitlines() if ln.startswith("k-NN top-1"))
+    assert f"raw pixels {pix['knn_top1']:.2f}%" in line and "random init" in line and "pre-trained" in line
+    # the same protocol as `cmim eval knn --raw-pixels` on the monitor's subsets
+    assert main(["eval", "knn", "--raw-pixels", *[o for o in TINY if o.startswith("data.")],
+                 "train_subset=48", "test_subset=32", "knn.ks=[5]", "precision=fp32", f"cache_dir={tmp_path}",
+                 "--out", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["top1"] == pytest.approx(pix["knn_top1"])
+
+
+def test_report_adds_the_raw_pixel_baseline_beside_eval_results(tmp_path):
+    from conftest import tiny_overrides
+
+    from cmim.report import write_report
+
+    assert main(["pretrain", "configs/conmim_fmnist_cpu.yaml", *tiny_overrides(tmp_path), "train.max_steps=1",
+                 "monitor.every_epochs=0"]) == 0
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    assert main(["eval", "knn", str(ckpt), "data.synthetic_size=96", "precision=fp32", "batch_size=32",
+                 f"cache_dir={tmp_path}"]) == 0
+    html = write_report(tmp_path / "run", pictures=False).read_text()
+    pix = list((tmp_path / "run" / "eval").glob("knn-*-pixels-*.json"))
+    assert len(pix) == 1
+    enc = json.loads(next(p for p in (tmp_path / "run" / "eval").glob("knn-*.json") if p not in pix).read_text())
+    base = json.loads(pix[0].read_text())
+    assert base["checkpoint"]["kind"] == "pixels" and base["features"]["feature"] == "pixels"
+    assert [base["features"][k] for k in ("train_samples", "test_samples")] == [
+        enc["features"][k] for k in ("train_samples", "test_samples")]
+    assert f"{base['top1']:.2f}" in html and f"{enc['top1']:.2f}" in html
+    write_report(tmp_path / "run", pictures=False)  # a second report reuses the baseline: still one
+    assert len(list((tmp_path / "run" / "eval").glob("knn-*-pixels-*.json"))) == 1
+
+
+def test_folder_recipe_runs_on_one_labeled_folder_of_mixed_images(tmp_path, capsys):
+    """The folder recipe as a user runs it: one folder, class sub-folders, images of any size and mode."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    modes = ["RGB", "L", "RGBA", "P", "LA", "CMYK"]
+    for c in range(3):
+        (tmp_path / "imgs" / f"class{c}").mkdir(parents=True)
+        for i in range(12):
+            w, h = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+            arr = (rng.random((h, w, 3)) * 80 + 60 * c).astype(np.uint8)
+            im = Image.fromarray(arr).convert(modes[i % len(modes)])
+            im.save(tmp_path / "imgs" / f"class{c}" / f"{i}.{'jpg' if im.mode in ('CMYK', 'L') else 'png'}")
+    small = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "conmim.proj_hidden_dim=32",
+             "conmim.proj_out_dim=16", "data.img_size=32", "data.num_workers=0", "train.batch_size=8",
+             "train.epochs=1", "monitor.every_epochs=1", "monitor.k=3", "train.progress=false",
+             "train.tensorboard=false", "train.precision=fp32"]
+    assert main(["pretrain", "configs/conmim_folder_cpu.yaml", f"data.root={tmp_path / 'imgs'}",
+                 f"train.out_dir={tmp_path / 'run'}", *small]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["knn_raw_pixels"] is not None and len(summary["knn"]) == 2
+    assert "raw pixels" in capsys.readouterr().out

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,10 +19,11 @@ from cmim.methods import build_method
 from cmim.methods.conmim import ConMIM
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "configs" / "conmim_fmnist_cpu.yaml"  # the CLI runs start from a recipe, as in test_engine
 QUIET = ["monitor.every_epochs=0", "train.resume=auto"]
 
-# Injects NaN losses into ConMIM on the (1-based) steps listed in CMIM_NAN_STEPS, e.g. "2" or "6-99"; shared by
-# the in-process tests and the CLI subprocess. The step being computed is one more than the last after_step's.
+# Injects NaN losses into ConMIM on the (1-based) steps in CMIM_NAN_STEPS, e.g. "2" or "6-99" (plain code, so
+# that a subprocess could run it too). The step being computed is one more than the last after_step's.
 NAN_PATCH = """
 import os
 from cmim.methods.conmim import ConMIM
@@ -163,10 +161,10 @@ def test_masked_ema_and_optimizer_match_the_plain_path(tiny_cfg, one_thread):
         params = [p for g in opt.param_groups for p in g["params"]]
         m(_batch(cfg, m)).get("loss").backward()
         optimizer_update(opt, params, 3.0)  # a good step: moments exist
-        before = (_clone(m.state_dict()), _clone(opt.state_dict()))
+        before = (_clone(dict(m.named_parameters())), _clone(opt.state_dict()))
         m(_batch(cfg, m))["loss"].backward()
         _, ok = optimizer_update(opt, params, 3.0, finite=torch.tensor(False))
-        assert not ok and _equal((m.state_dict(), opt.state_dict()), before)
+        assert not ok and _equal((dict(m.named_parameters()), opt.state_dict()), before)
 
 
 def _batch(cfg, method):
@@ -179,26 +177,23 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_consecutive_nonfinite_steps_stop_with_one_line(tmp_path):
+def test_consecutive_nonfinite_steps_stop_with_one_line(tmp_path, nan_steps, one_thread, capsys):
     """K NaN steps in a row: exit 2, one `cmim: error:` line naming the last checkpoint, which stays as it was."""
+    from cmim.cli import main
+
     out = tmp_path / "run"
-    args = [*tiny_overrides(tmp_path, *QUIET, "train.epochs=4", "train.max_nonfinite_steps=3")]
-    cmd = [sys.executable, "-c", NAN_PATCH + "\nimport sys\nfrom cmim.cli import main\nsys.exit(main(sys.argv[1:]))",
-           "pretrain", str(REPO / "configs" / "conmim_fmnist_cpu.yaml"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([*cmd, "train.max_steps=4"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    argv = ["pretrain", str(RECIPE), *tiny_overrides(tmp_path, *QUIET, "train.epochs=4", "train.max_nonfinite_steps=3")]
+    assert main([*argv, "train.max_steps=4"]) == 0
     ckpt = out / "checkpoint.pt"
     sha = _sha(ckpt)
+    capsys.readouterr()
     # resume at step 4; steps 6, 7, 8 are NaN; step 8 ends epoch 1, where a checkpoint would be written
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(env, CMIM_NAN_STEPS="6-99"),
-                       timeout=300)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("resumed from"), r.stderr  # the resume notice, then the error
-    err = lines[1]
-    assert err.startswith("cmim: error: 3 consecutive non-finite steps") and "by step 8" in err, err
-    assert f"the last good checkpoint is {ckpt} (step 4)" in err, err
+    nan_steps("6-99")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("cmim: error: 3 consecutive non-finite steps") and "by step 8" in err[0], err
+    assert f"the last good checkpoint is {ckpt} (step 4)" in err[0], err
     assert _sha(ckpt) == sha
     assert not list(out.glob(".checkpoint.pt.*"))
     train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -220,7 +215,7 @@ def test_memory_check_refuses_a_batch_before_any_step(tmp_path, monkeypatch, cap
     monkeypatch.setattr(memory, "host_available_bytes", lambda: seen["est"].need(4, seen["data_batches"]) + 1)
     monkeypatch.setattr(ConMIM, "after_step", lambda *a, **k: pytest.fail("a training step ran"))
     out = tmp_path / "run"
-    assert main(["pretrain", *tiny_overrides(tmp_path, *QUIET, "monitor.every_epochs=1")]) == 2
+    assert main(["pretrain", str(RECIPE), *tiny_overrides(tmp_path, *QUIET, "monitor.every_epochs=1")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith("cmim: error: a batch of 16 needs about ") and " MB of CPU RAM (estimate), " in err[0]
@@ -254,7 +249,7 @@ def test_out_of_memory_in_a_step_is_one_line(tmp_path, monkeypatch, capsys):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(trainer, "optimizer_update", oom)
-    assert main(["pretrain", *tiny_overrides(tmp_path, *QUIET)]) == 2
+    assert main(["pretrain", str(RECIPE), *tiny_overrides(tmp_path, *QUIET)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["cmim: error: out of CPU memory at step 1 with a batch of 16 (16 images per process and "
                    "micro-batch); try train.batch_size=8 or train.accum_steps=2"]
@@ -262,6 +257,6 @@ def test_out_of_memory_in_a_step_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_suggestions():
     assert memory.suggestion(2048, 1, 1, 300) == "try train.batch_size=256 or train.accum_steps=8"
-    assert memory.suggestion(2048, 2, 4, 100) == "try train.batch_size=512 or train.accum_steps=4"
+    assert memory.suggestion(2048, 2, 4, 100) == "try train.batch_size=512 or train.accum_steps=8"  # 64 per process
     assert memory.suggestion(48, 1, 1, 20) == "try train.batch_size=16 or train.accum_steps=3"
     assert memory.suggestion(16, 1, 1, 0).startswith("not even one image")

@@ -160,7 +160,7 @@ class StepRunner:
 
     def __init__(self, cfg: DictConfig, device: torch.device, total_steps: int = 10_000) -> None:
         from cmim.engine.schedules import cosine_schedule
-        from cmim.engine.trainer import build_optimizer, optimizer_update, peak_lr, to_device
+        from cmim.engine.trainer import RunningStats, build_optimizer, optimizer_update, peak_lr, to_device
         from cmim.methods import build_method
 
         t = cfg.train
@@ -171,6 +171,7 @@ class StepRunner:
         self.optimizer = build_optimizer(self.method, cfg, device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._update = optimizer_update  # the trainer's clip + step + zero_grad
+        self._running_stats = RunningStats(self.method)
         self.accum = int(t.accum_steps)
         self.micro = t.batch_size // self.accum
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
@@ -192,6 +193,7 @@ class StepRunner:
         for g in self.optimizer.param_groups:
             g["lr"] = self._lr(self.step)
         step_loss = torch.zeros((), device=self.device)
+        self._running_stats.save()
         for a in range(self.accum):
             batch = self.batches[(self.step * self.accum + a) % len(self.batches)]
             with self.autocast:
@@ -200,6 +202,7 @@ class StepRunner:
             step_loss += out["loss"].detach()
         # the trainer's non-finite check and skip (device flags, no host sync) are part of the timed step
         _, ok = self._update(self.optimizer, self.params, self.cfg.optim.clip_grad, torch.isfinite(step_loss))
+        self._running_stats.keep_if(ok)
         self.loss += step_loss
         self.step += 1
         self.method.after_step(self.step, self.total_steps, ok)

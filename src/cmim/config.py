@@ -132,6 +132,9 @@ class MonitorConfig:
     train_subset: int | None = 10000
     test_subset: int | None = 2000
     batch_size: int = 256
+    # also k-NN on the raw pixels (normalized, flattened) of the same subsets, once: the level a pre-trained
+    # encoder has to beat to be worth its features
+    raw_pixels: bool = True
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``cmim report RUN_DIR``: one self-contained HTML page for a run.
 
 The page holds the run's config, its summary, the training curves, every evaluation result found in
-``RUN_DIR/eval/*.json`` as a table, and every picture in ``RUN_DIR/viz/*.png``, embedded as base64 so the
+``RUN_DIR/eval/*.json`` as a table (with the raw-pixel baseline of each k-NN / linear result, run when missing), and every picture in ``RUN_DIR/viz/*.png``, embedded as base64 so the
 file can be mailed or attached as it is. Missing pictures are drawn first (curves always; patch similarity,
 CLS attention and t-SNE of the trained vs a random-init encoder when the run has a checkpoint and its data
 are available); ``--no-pictures`` only uses what is already there.
@@ -103,6 +103,44 @@ def _eval_rows(run_dir: Path) -> list[dict[str, Any]]:
                                        r["_file"]))
 
 
+def _baseline_key(r: dict[str, Any]) -> tuple:
+    f, d = r.get("features", {}), r.get("dataset", {})
+    return (r["protocol"], d.get("name"), d.get("root"), f.get("train_samples"), f.get("test_samples"),
+            f.get("label_fraction"))
+
+
+def add_pixel_baselines(run_dir: Path) -> list[str]:
+    """For every k-NN / linear result in ``run_dir/eval`` that has no raw-pixel twin (same protocol, data, sample
+    counts and label fraction), run the raw-pixel baseline with that result's own config and store it beside it:
+    no table of encoder results goes without the level the pixels reach. Returns notes on baselines not run."""
+    from omegaconf import OmegaConf
+
+    from cmim.eval.run import open_source, run_eval
+
+    rows = _eval_rows(run_dir)
+    have = {_baseline_key(r) for r in rows if r.get("checkpoint", {}).get("kind") == "pixels"}
+    notes = []
+    for r in rows:
+        key = _baseline_key(r)
+        if r["protocol"] not in ("knn", "linear") or key in have or not isinstance(r.get("config"), dict):
+            continue
+        cfg = dict(r["config"], feature="pixels", init="random", out=None)
+        cfg.pop("encoder", None)
+        tmp = run_dir / "eval" / ".pixel-baseline.yaml"
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        try:
+            src, ecfg = open_source(None, tmp, [], raw_pixels=True)
+            label = "" if key[-1] is None else f"-labels{key[-1]:g}"
+            name = f"{r['protocol']}-{key[1]}-pixels-{key[3]}x{key[4]}{label}.json"
+            run_eval(r["protocol"], src, ecfg, out=run_dir / "eval" / name)
+            have.add(key)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            notes.append(f"raw-pixel baseline for {r['_file']} skipped: {e}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    return notes
+
+
 def _eval_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p>No evaluation results yet (run <code>cmim eval knn|linear|finetune</code>).</p>"
@@ -141,17 +179,21 @@ def _summary_table(run_dir: Path) -> str:
     knn = s.get("knn") or []
     if knn:
         rows.append(("online k-NN top-1", " → ".join(f"{k['knn_top1']:.2f} (ep {k['epoch']})" for k in knn)))
+    if s.get("knn_raw_pixels"):
+        rows.append(("k-NN top-1 on raw pixels (same images)", f"{s['knn_raw_pixels']['knn_top1']:.2f}"))
     return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                                for k, v in rows) + "</table>"
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, pictures: bool = True,
-                 refresh: bool = False, overrides: list[str] | None = None) -> Path:
+                 refresh: bool = False, overrides: list[str] | None = None, baselines: bool = True) -> Path:
     """Build ``run_dir/report.html`` (or ``out``); returns its path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     notes = draw_pictures(run_dir, refresh, overrides) if pictures else []
+    if baselines:
+        notes += add_pixel_baselines(run_dir)
     cfg_path = run_dir / "config.yaml"
     config_text = cfg_path.read_text() if cfg_path.is_file() else "(no config.yaml)"
     pngs = sorted((run_dir / "viz").glob("*.png")) if (run_dir / "viz").is_dir() else []
@@ -185,7 +227,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, pictures: b
 
 def _run(args: argparse.Namespace) -> int:
     path = write_report(args.run_dir, args.out, pictures=not args.no_pictures, refresh=args.refresh,
-                        overrides=args.overrides)
+                        overrides=args.overrides, baselines=not args.no_baselines)
     n_img = path.read_text(encoding="utf-8").count("data:image/png;base64,")
     print(f"cmim report: {path} ({n_img} picture(s), {path.stat().st_size / 1024:.0f} KiB)")
     return 0
@@ -199,6 +241,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", help="HTML path (default: RUN_DIR/report.html)")
     p.add_argument("--no-pictures", action="store_true", help="only embed pictures already in RUN_DIR/viz")
     p.add_argument("--refresh", action="store_true", help="redraw pictures that already exist")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="do not run the raw-pixel k-NN / linear baselines missing beside the eval results")
     p.set_defaults(func=_run)
     from cmim.eval.cli import allow_intermixed
 

@@ -5,7 +5,14 @@ AdamW with per-iteration cosine schedule, bf16 autocast, gradient accumulation a
 torchrun, logging, an online k-NN monitor and atomic, exactly-resumable checkpoints. Nothing in it knows
 about a particular method: the method returns ``{"loss": ...}`` and updates its teachers in ``after_step``.
 
-Hot-loop rule: no ``.item()`` or other host syncs except on logging steps.
+Robust steps: a step whose loss or gradient norm is NaN/inf is skipped on the device (fused AdamW's
+``found_inf``, a 0-weight EMA lerp, BatchNorm statistics put back; see :func:`optimizer_update`), counted
+(``nonfinite_steps``), and ``train.max_nonfinite_steps`` of them in a row stop the run with a
+:class:`~cmim.engine.errors.TrainingError` before anything more is saved. A batch that cannot fit in memory
+is refused before the first step (:mod:`cmim.engine.memory`).
+
+Hot-loop rule: no ``.item()`` or other host syncs except on logging and checkpoint steps (the skip decision
+stays on the device; only ``optim.fused=false`` reads it on the host).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from cmim.engine.logger import MetricsLogger
 from cmim.engine.memory import check_batch_fits, out_of_memory_error
 from cmim.engine.sampler import GlobalBatchSampler
 from cmim.engine.schedules import cosine_schedule
-from cmim.eval.knn import online_knn
+from cmim.eval.knn import online_knn, pixel_knn
 from cmim.methods import Method, build_method
 from cmim.models.sync_bn import convert_global_batchnorm
 
@@ -93,6 +100,26 @@ def optimizer_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor
     return grad_norm, ok
 
 
+class RunningStats:
+    """BatchNorm running statistics change in the forward, before the step is known to be finite: a copy is
+    taken before each step and put back when the step is skipped (a device select, no host sync; bit-identical
+    when the step is kept). Also the EMA teacher's, which normalizes in train mode."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.stats = [b for m in module.modules()
+                      if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
+                      for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self.saved = [torch.empty_like(b) for b in self.stats]
+
+    def save(self) -> None:
+        if self.stats:
+            torch._foreach_copy_(self.saved, self.stats)
+
+    def keep_if(self, ok: torch.Tensor) -> None:
+        for b, saved in zip(self.stats, self.saved, strict=True):
+            torch.where(ok, b, saved, out=b)
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -133,6 +160,7 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.knn_history: list[dict[str, Any]] = []
+        self.pixel_knn: dict[str, Any] | None = None  # the monitor's raw-pixel baseline, measured once
         self.nonfinite_steps = 0  # steps skipped because their loss or gradient norm was NaN/inf (whole run)
         self.logger = MetricsLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=t.tensorboard)
         self._monitor_sets: tuple[Any, Any] | None = None
@@ -151,6 +179,7 @@ class Trainer:
             "total_steps": self.total_steps, "world_size": self.dist.world_size,
             "rng": rng_state(), "config": to_yaml(self.cfg), "method": self.cfg.method,
             "encoder": encoder_meta(self.method), "knn_history": self.knn_history,
+            "pixel_knn": self.pixel_knn,
             "nonfinite_steps": self.nonfinite_steps,
         }
         atomic_torch_save(state, self.checkpoint_path())
@@ -180,6 +209,8 @@ class Trainer:
                                   f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
         self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
         self.knn_history = list(ckpt.get("knn_history", []))
+        pix = ckpt.get("pixel_knn")
+        self.pixel_knn = dict(pix) if isinstance(pix, dict) else None
         self.nonfinite_steps = int(ckpt.get("nonfinite_steps", 0))
         set_rng_state(ckpt["rng"])
         if self.dist.is_main:
@@ -194,6 +225,13 @@ class Trainer:
             if self._monitor_sets is None:
                 self._monitor_sets = (build_eval_dataset(cfg.data, cfg.data.train_split),
                                       build_eval_dataset(cfg.data, cfg.data.eval_split))
+            if cfg.monitor.raw_pixels and self.pixel_knn is None:
+                t0 = time.perf_counter()
+                res = pixel_knn(*self._monitor_sets, cfg)
+                if res:
+                    self.pixel_knn = {"knn_top1": res["top1"], "knn_top5": res["top5"], "k": cfg.monitor.k,
+                                      "train_images": cfg.monitor.train_subset, "seconds": time.perf_counter() - t0}
+                    tqdm.write(f"[k-NN] raw pixels: top-1 {res['top1']:.2f}% (the baseline, k={cfg.monitor.k})")
             encoder = self.method.encoder(cfg.monitor.encoder)
             t0 = time.perf_counter()
             res = online_knn(encoder, *self._monitor_sets, cfg, self.device)
@@ -270,6 +308,7 @@ class Trainer:
         bad_run = torch.zeros_like(bad_window)  # the current run of consecutive skipped steps
         bad_worst = torch.zeros_like(bad_window)  # the longest such run
         last_saved = self.step if resumed else None
+        running_stats = RunningStats(self.method)
         while self.epoch < t.epochs and not stop:
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
             self.train_set.set_epoch(self.epoch)
@@ -285,6 +324,7 @@ class Trainer:
                     g["lr"] = lr
                 step_loss: torch.Tensor | None = None
                 step_extra: dict[str, torch.Tensor] = {}
+                running_stats.save()
                 try:
                     for a in range(t.accum_steps):
                         batch = to_device(next(it), self.device)
@@ -305,13 +345,14 @@ class Trainer:
                 except torch.OutOfMemoryError:
                     raise out_of_memory_error(self.device, t.batch_size, t.accum_steps, self.dist.world_size,
                                               step=self.step + 1) from None
+                running_stats.keep_if(ok)
                 # a skipped step adds nothing to the means and is counted, all on the device (no sync)
                 loss_sum += torch.where(ok, step_loss, 0.0)
                 for k, v in step_extra.items():
                     extra_sums[k] = extra_sums.get(k, 0.0) + torch.where(ok, v, 0.0)
                 bad = (~ok).long()
                 bad_window += bad
-                bad_run.mul_(1 - bad).add_(bad)  # consecutive non-finite steps, 0 after a good one
+                bad_run.add_(1).mul_(bad)  # consecutive non-finite steps: +1 after a bad one, 0 after a good one
                 torch.maximum(bad_worst, bad_run, out=bad_worst)
                 self.step += 1
                 self.step_in_epoch += 1
@@ -350,6 +391,8 @@ class Trainer:
                     n_in_window, n_bad_in_window, t_window = 0, 0, time.perf_counter()
                 if (log_now or save_now) and worst >= t.max_nonfinite_steps:
                     # nothing is saved from here on: the checkpoint on disk is the last good one
+                    bar.close()
+                    self.logger.close()
                     raise self._nonfinite_error(worst, last_saved)
                 if end_of_epoch:
                     self.epoch += 1
@@ -378,7 +421,7 @@ class Trainer:
             "method": cfg.method, "steps": self.step, "epochs_done": self.epoch, "total_steps": self.total_steps,
             "train_seconds": train_seconds,
             "img_per_s": steps_done * images_per_step / train_seconds if train_seconds > 0 else None,
-            "knn": self.knn_history, "checkpoint": str(self.checkpoint_path()),
+            "knn": self.knn_history, "knn_raw_pixels": self.pixel_knn, "checkpoint": str(self.checkpoint_path()),
             "skipped_images": len(skipped), "skipped_list": str(skip_file) if skipped else None,
             "nonfinite_steps": self.nonfinite_steps,
         }

@@ -17,9 +17,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cmim.config import ConfigError, load_config
-from cmim.eval.config import load_eval_config
 from cmim.eval.baselines import pixel_source, recipe_source
-from cmim.eval.features import cached_features, label_subset, num_classes_of, resolve_device
+from cmim.eval.config import load_eval_config
+from cmim.eval.features import SKIPPED, cached_features, label_subset, num_classes_of, resolve_device
 from cmim.eval.knn import knn_accuracy
 from cmim.eval.linear import linear_on_features, linear_reference
 from cmim.eval.loading import EncoderSource, load_source, random_init_like
@@ -146,6 +146,7 @@ def run_eval(protocol: str, src: EncoderSource, cfg: DictConfig, out: str | os.P
         "dataset": {"name": cfg.data.name, "root": cfg.data.root, "img_size": cfg.data.img_size,
                     "in_chans": cfg.data.in_chans},
         "details": res["details"],
+        "skipped_images": {s: len(SKIPPED.get(s, [])) for s in (cfg.data.train_split, cfg.data.eval_split)},
         "config": OmegaConf.to_container(cfg, resolve=True),
         "seconds": time.perf_counter() - t0,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -13,9 +13,9 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 # (embed_dim, depth, num_heads): the standard ViT presets.
