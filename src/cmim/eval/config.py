@@ -51,7 +51,8 @@ class FinetuneConfig:
 
     epochs: int = 100
     # optimizer steps; when set, it replaces ``epochs`` (the data is cycled): an equal budget whatever the number
-    # of labeled images (label_fraction), so every row of a label-efficiency table trains as long
+    # of labeled images (label_fraction), so every row of a label-efficiency table trains as long. The warmup
+    # then keeps its share warmup_epochs / epochs of the steps.
     steps: int | None = None
     batch_size: int = 1024
     lr: float | None = 4e-3  # absolute peak lr; None = blr * batch_size / 256 (MAE)

@@ -118,7 +118,10 @@ def finetune(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str,
     spe = len(loader)
     total = int(ft.steps) if ft.steps is not None else ft.epochs * spe
     epochs = math.ceil(total / spe)
-    warm = round(float(ft.warmup_epochs) * spe)
+    # with a step budget the warmup keeps its share of the schedule (warmup_epochs / epochs), not a number of
+    # epochs of a possibly tiny labeled set (1% of Fashion-MNIST is 4 steps per epoch)
+    warm = round(float(ft.warmup_epochs) / ft.epochs * total) if ft.steps is not None else round(
+        float(ft.warmup_epochs) * spe)
     sched = CosineLRScheduler(opt, t_initial=max(1, total - warm), lr_min=float(ft.min_lr), warmup_t=warm,
                               warmup_lr_init=float(ft.warmup_lr), warmup_prefix=True, t_in_epochs=False)
     mixup = None
