@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from cmim.eval.loading import EncoderSource
 
-__all__ = ["PIXELS", "PixelSource", "balanced_label_indices", "is_pixels", "recipe_source"]
+__all__ = ["PIXELS", "PixelSource", "balanced_label_indices", "pixel_source", "recipe_source"]
 
 PIXELS = "pixels"  # the feature name of the raw-pixel baseline
 
@@ -39,10 +40,6 @@ def pixel_source(data: dict[str, Any]) -> PixelSource:
                        which=PIXELS, method=None, data=dict(data), init="none")
 
 
-def is_pixels(src: EncoderSource) -> bool:
-    return src.kind == "pixels"
-
-
 def recipe_source(recipe: str | os.PathLike, overrides: list[str] | None = None, seed: int = 0) -> EncoderSource:
     """The encoder of a pre-training recipe (model + data sections), freshly initialized with ``seed``."""
     from cmim.config import load_config
@@ -52,8 +49,6 @@ def recipe_source(recipe: str | os.PathLike, overrides: list[str] | None = None,
     torch.manual_seed(seed)
     enc = build_encoder(cfg.model, cfg.data.img_size, cfg.data.in_chans)
     text = Path(recipe).read_bytes() + "\n".join(overrides or []).encode()
-    from omegaconf import OmegaConf
-
     data = OmegaConf.to_container(cfg.data, resolve=True)
     return EncoderSource(enc.eval(), str(recipe), hashlib.sha256(text).hexdigest(), "recipe", "teacher",
                          str(cfg.method), dict(data), cfg, init=f"random-s{seed}")  # type: ignore[arg-type]
