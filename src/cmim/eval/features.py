@@ -26,7 +26,7 @@ from cmim.config import ConfigError
 from cmim.data.datasets import build_base_dataset, skipped_files
 from cmim.data.views import build_eval_dataset
 from cmim.engine.checkpoint import atomic_torch_save
-from cmim.eval.knn import extract_features, first_n
+from cmim.eval.knn import extract_features, first_n, pixel_features
 from cmim.eval.loading import EncoderSource
 
 __all__ = [
@@ -185,7 +185,8 @@ def cached_features(src: EncoderSource, cfg: DictConfig, part: str, feature: str
             log.warning("ignoring unreadable feature cache %s (%s)", path, e)
     ds = eval_dataset(cfg, part)
     if src.kind == "pixels":
-        feats, labels = pixel_features(ds, cfg)
+        feats, labels = pixel_features(ds, mean=list(cfg.data.mean), std=list(cfg.data.std),
+                                       batch_size=cfg.batch_size, num_workers=int(cfg.data.num_workers))
     else:
         check_data_fits(src, cfg.data)
         device = resolve_device(cfg.device)
@@ -203,17 +204,3 @@ def cached_features(src: EncoderSource, cfg: DictConfig, part: str, feature: str
                            "config": OmegaConf.to_container(cfg.data, resolve=True)}, path)
     return feats, labels, False
 
-
-def pixel_features(ds: Dataset, cfg: DictConfig) -> tuple[Tensor, Tensor]:
-    """The raw-pixel baseline's features: each (centre-cropped) image normalized with the data's mean/std and
-    flattened, the same images the encoders see."""
-    from torch.utils.data import DataLoader
-
-    from cmim.data.augment import normalize
-
-    feats, labels = [], []
-    for batch in DataLoader(ds, batch_size=cfg.batch_size, num_workers=int(cfg.data.num_workers)):
-        x = normalize(batch["image"], list(cfg.data.mean), list(cfg.data.std))
-        feats.append(x.flatten(1).float())
-        labels.append(batch["label"])
-    return torch.cat(feats), torch.cat(labels)

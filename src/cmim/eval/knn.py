@@ -84,21 +84,26 @@ def online_knn(encoder: MaskedEncoder, train_set: Dataset, test_set: Dataset, cf
     return knn_accuracy(trf, trl, tef, tel, k=mon.k, temperature=mon.temperature)
 
 
-def pixel_knn(train_set: Dataset, test_set: Dataset, cfg: Any) -> dict[str, float]:
-    """The monitor's raw-pixel baseline: the same k-NN, subsets and normalization, on the flattened images."""
+@torch.no_grad()
+def pixel_features(dataset: Dataset, *, mean=(0.5,), std=(0.5,), batch_size: int = 256,
+                   num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    """The raw-pixel baseline's features: each eval image normalized with the data's mean/std and flattened,
+    the same images the encoders see (float32, CPU), and the labels."""
     from cmim.data.augment import normalize
 
+    feats, labels = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+        feats.append(normalize(batch["image"], list(mean), list(std)).flatten(1))
+        labels.append(batch["label"])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def pixel_knn(train_set: Dataset, test_set: Dataset, cfg: Any) -> dict[str, float]:
+    """The monitor's raw-pixel baseline: the same k-NN, subsets and normalization, on the flattened images."""
     mon, d = cfg.monitor, cfg.data
-
-    def flat(ds: Dataset) -> tuple[Tensor, Tensor]:
-        feats, labels = [], []
-        for batch in DataLoader(ds, batch_size=mon.batch_size):
-            feats.append(normalize(batch["image"], list(d.mean), list(d.std)).flatten(1))
-            labels.append(batch["label"])
-        return torch.cat(feats), torch.cat(labels)
-
-    trf, trl = flat(first_n(train_set, mon.train_subset))
-    tef, tel = flat(first_n(test_set, mon.test_subset))
+    kw = dict(mean=d.mean, std=d.std, batch_size=mon.batch_size)
+    trf, trl = pixel_features(first_n(train_set, mon.train_subset), **kw)
+    tef, tel = pixel_features(first_n(test_set, mon.test_subset), **kw)
     if (trl < 0).all():
         return {}
     return knn_accuracy(trf, trl, tef, tel, k=mon.k, temperature=mon.temperature)
