@@ -223,9 +223,9 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 @functools.cache
 def parsed_recipe(path: Path) -> str:
     """The recipe's content (comments and layout ignored, ``_base_`` followed) as canonical JSON."""
-    from cmim.config import _read_yaml
+    from cmim.config import read_recipe
 
-    return json.dumps(_read_yaml(path.resolve()), sort_keys=True, default=str)
+    return json.dumps(read_recipe(path.resolve()), sort_keys=True, default=str)
 
 
 def sha256_file(path: Path) -> str:

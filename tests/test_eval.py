@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from cmim.cli import main
 from cmim.config import load_config
-from cmim.engine.checkpoint import CheckpointError
+from cmim.core.errors import CheckpointError
 from cmim.engine.trainer import pretrain
 from cmim.eval.config import LinearConfig
 from cmim.eval.knn import knn_accuracy

@@ -1,4 +1,4 @@
-"""Tests for cmim.masking."""
+"""Tests for cmim.data.masking."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from cmim.masking import BlockMaskGenerator, RandomGridMaskGenerator, build_mask_generator
+from cmim.data.masking import BlockMaskGenerator, RandomGridMaskGenerator, build_mask_generator
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from cmim.cli import main
 from cmim.config import load_config
-from cmim.data.augment import sample_photometric_params
-from cmim.engine.checkpoint import load_checkpoint
+from cmim.core.weights import load_checkpoint
+from cmim.data.augment import ViewMaker, sample_photometric_params
 from cmim.engine.trainer import build_optimizer
 from cmim.losses import info_nce, patch_contrastive_loss
 from cmim.methods import build_method
@@ -52,6 +52,12 @@ def make_batch(method: MimCo, n: int = 6, seed: int = 0) -> dict[str, Tensor]:
     return {"crops": crops, "aug": aug, "mask": mask}
 
 
+def views_of(method: MimCo, batch: dict[str, Tensor]) -> list[Tensor]:
+    """The data stage's on-device views of ``batch``."""
+    d = method.cfg.data
+    return ViewMaker(method.view_spec(), d.mean, d.std, d.in_chans)(batch["crops"], batch["aug"])
+
+
 def test_view_spec():
     spec = make_mimco().view_spec()
     assert spec.num_crops == 1 and spec.crop_of_view == [0, 0] and spec.profiles == ["none", "none"]
@@ -61,8 +67,8 @@ def test_view_spec():
 def test_losses_through_mimco_code_path():
     m = make_mimco("mimco.image_weight=0.5")
     batch = make_batch(m)
-    out = m(batch)
-    student_view, teacher_view = m.make_views(batch)
+    student_view, teacher_view = views_of(m, batch)
+    out = m([student_view, teacher_view], batch["mask"])
     mask = batch["mask"]
     t = m.contrastive_teacher
     with torch.no_grad():
@@ -88,8 +94,8 @@ def test_batch_negatives_and_backbone_targets():
     m = make_mimco("mimco.target=backbone", "mimco.patch_negatives=batch", teacher=wide)
     assert m.patch_head[-2].out_features == 48 and m.image_head[-2].out_features == 48
     batch = make_batch(m)
-    out = m(batch)
-    sv, tv = m.make_views(batch)
+    sv, tv = views_of(m, batch)
+    out = m([sv, tv], batch["mask"])
     with torch.no_grad():
         target = wide.encoder(tv)[:, 1:]
         pred = m.patch_head(m.student(sv, batch["mask"])[:, 1:])
@@ -106,7 +112,8 @@ def test_teacher_frozen_and_never_trained():
     for step in range(2):
         m.train()
         assert not m.contrastive_teacher.training and m.student.training
-        m(make_batch(m, seed=step))["loss"].backward()
+        batch = make_batch(m, seed=step)
+        m(views_of(m, batch), batch["mask"])["loss"].backward()
         assert all(p.grad is None for p in m.contrastive_teacher.parameters())
         assert m.student.mask_token.grad is not None and m.image_head[0].weight.grad is not None
         opt.step()

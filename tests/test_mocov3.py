@@ -11,7 +11,7 @@ from conftest import TINY
 from torch import Tensor, nn
 
 from cmim.config import load_config
-from cmim.data.augment import sample_photometric_params
+from cmim.data.augment import ViewMaker, sample_photometric_params
 from cmim.losses import info_nce
 from cmim.methods import build_method
 from cmim.methods.mocov3 import MoCoV3
@@ -29,11 +29,15 @@ def make_method() -> MoCoV3:
 
 
 def to_double(method: MoCoV3) -> MoCoV3:
-    """float64 weights and views (the global BatchNorm still computes in float32): less rounding noise."""
-    method.double()
-    make_views = method.make_views
-    method.make_views = lambda batch: [v.double() for v in make_views(batch)]  # type: ignore[method-assign]
-    return method
+    """float64 weights (the global BatchNorm still computes in float32): less rounding noise."""
+    return method.double()
+
+
+def views_of(method: MoCoV3, batch: dict[str, Tensor]) -> list[Tensor]:
+    """The data stage's on-device views of ``batch``, in the method's dtype."""
+    d = method.cfg.data
+    views = ViewMaker(method.view_spec(), d.mean, d.std, d.in_chans)(batch["crops"], batch["aug"])
+    return [v.to(method.student.mask_token.dtype) for v in views]
 
 
 def make_batch(method: MoCoV3, n: int = GLOBAL_BATCH, seed: int = 0) -> dict[str, Tensor]:
@@ -71,8 +75,8 @@ def test_view_spec_and_heads():
 def test_loss_is_symmetric_ctr_times_2t():
     m = make_method().train()
     batch = make_batch(m)
-    loss = m(batch)["loss"]
-    x1, x2 = m.make_views(batch)
+    x1, x2 = views_of(m, batch)
+    loss = m([x1, x2])["loss"]
     t = m.temperature
     with torch.no_grad():
         q1 = m.predictor(m.student_projector(m.student(x1)[:, 0]))
@@ -108,7 +112,7 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         batch = make_batch(m)
         b = GLOBAL_BATCH // world
         local = {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}
-        loss = m(local)["loss"]
+        loss = m(views_of(m, local))["loss"]
         loss.backward()
         # what DDP does: average the gradients and (for the report) the loss over processes
         for p in m.parameters():
@@ -132,7 +136,7 @@ def test_two_process_gathered_loss_equals_single_process(tmp_path):
     got = torch.load(out_file, weights_only=True)
 
     m = to_double(make_method()).train()
-    loss = m(make_batch(m))["loss"]
+    loss = m(views_of(m, make_batch(m)))["loss"]
     loss.backward()
     assert torch.allclose(got["loss"], loss.detach(), atol=1e-5), (got["loss"], loss)
     ref = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}

@@ -238,3 +238,15 @@ def test_official_mocov3_release_loads_weights_only(tmp_path):
     assert "MoCo v3" in t.source and t.projector_dim == 24
     assert main(["pretrain", MIMCO, *tiny_overrides(tmp_path, *QUIET, "train.max_steps=1"),
                  f"mimco.teacher={path}"]) == 0
+
+
+def test_cifar_batch_with_a_payload_is_refused(tmp_path):
+    """CIFAR's python batches are pickles: only arrays and containers are unpickled, anything else refused."""
+    from cmim.data.datasets import CIFAR
+
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch", "batches.meta"]:
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({b"data": Payload(tmp_path / "pwned"), b"labels": [0]}, f)
+    with pytest.raises(ValueError, match="refused: the file references"):
+        CIFAR(tmp_path, "train", 10)
+    assert not (tmp_path / "pwned").exists()

@@ -1,10 +1,10 @@
-"""Tests for cmim.engine.schedules."""
+"""Tests for cmim.core.schedules."""
 
 from __future__ import annotations
 
 import pytest
 
-from cmim.engine.schedules import cosine_schedule
+from cmim.core.schedules import cosine_schedule
 
 
 def test_endpoints_without_warmup():

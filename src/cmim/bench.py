@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from cmim.config import ConfigError, load_config
-from cmim.engine.errors import TrainingError
+from cmim.core.errors import TrainingError
 
 log = logging.getLogger("cmim")
 
@@ -122,16 +122,17 @@ def _cpu_sdpa_mapping() -> dict[Any, Callable[..., int]]:
 
 def count_step_flops(step: Callable[[], None]) -> dict[str, int]:
     """Model FLOPs of one call of ``step`` (matmul, conv, attention; forward and backward), in all and by
-    top-level module. The on-device augmentation (``_view_maker``: the blur convolution) is data work, not
+    top-level module. The on-device augmentation (the ``ViewMaker``: the blur convolution) is data work, not
     model work, and is left out."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping())
     with counter:
         step()
-    top = {k: int(sum(v.values())) for k, v in counter.get_flop_counts().items() if k.count(".") == 1}
-    data = sum(v for k, v in top.items() if k.endswith("._view_maker"))
-    top = {k: v for k, v in top.items() if not k.endswith("._view_maker")}
+    counts = counter.get_flop_counts()
+    data = sum(sum(v.values()) for k, v in counts.items() if k.split(".")[-1] == "ViewMaker")
+    top = {k: int(sum(v.values())) for k, v in counts.items()
+           if k.count(".") == 1 and k.split(".")[-1] != "ViewMaker"}
     total = int(counter.get_total_flops()) - data
     # "other": outside any submodule's forward (losses; modules called through another method)
     return {"total": total, **top, "other": total - sum(top.values())}
@@ -155,68 +156,57 @@ def synthetic_batches(cfg: DictConfig, method: Any, batch: int, count: int) -> l
 
 
 class StepRunner:
-    """One optimizer step exactly as the trainer does it (forward under autocast, backward per micro-batch,
-    clip, fused AdamW step, ``zero_grad``, ``after_step``), cycling over pre-built device batches."""
+    """The trainer's own step (:class:`cmim.engine.step.TrainStep`: views on the device, forward under autocast,
+    backward per micro-batch, clip, fused AdamW, the non-finite skip, ``after_step``), cycling over pre-built
+    device batches."""
 
     def __init__(self, cfg: DictConfig, device: torch.device, total_steps: int = 10_000) -> None:
-        from cmim.engine.schedules import cosine_schedule
-        from cmim.engine.trainer import RunningStats, build_optimizer, optimizer_update, peak_lr, to_device
+        from cmim.core.schedules import cosine_schedule
+        from cmim.data.augment import ViewMaker
+        from cmim.engine.step import TrainStep, to_device
+        from cmim.engine.trainer import build_optimizer, peak_lr
         from cmim.methods import build_method
 
-        t = cfg.train
+        t, d = cfg.train, cfg.data
         self.cfg, self.device, self.total_steps = cfg, device, total_steps
         torch.manual_seed(t.seed)
         self.method = build_method(cfg).to(device)
         self.method.train()
         self.optimizer = build_optimizer(self.method, cfg, device)
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._update = optimizer_update  # the trainer's clip + step + zero_grad
-        self._running_stats = RunningStats(self.method)
         self.accum = int(t.accum_steps)
         self.micro = t.batch_size // self.accum
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
         self.forward = torch.compile(self.method) if t.compile else self.method
+        self.view_maker = ViewMaker(self.method.view_spec(), d.mean, d.std, d.in_chans).to(device)
+        self.train_step = TrainStep(self.method, self.optimizer, self.view_maker, device, accum_steps=self.accum,
+                                    precision=t.precision, clip_grad=cfg.optim.clip_grad, model=self.forward)
         self._lr = lambda step: cosine_schedule(step, total_steps, peak_lr(cfg), cfg.optim.min_lr, 0)
         if t.check_memory:  # before building batches that cannot fit (the trainer's check; 2 batches kept)
             from cmim.engine.memory import check_batch_fits
 
-            check_batch_fits(self.method, lambda n: synthetic_batches(cfg, self.method, n, 1)[0], self.autocast,
-                             self.optimizer, device, batch_size=t.batch_size, accum_steps=self.accum,
-                             data_batches=2)
+            check_batch_fits(self.method, lambda n: synthetic_batches(cfg, self.method, n, 1)[0],
+                             lambda b: self.train_step.forward(b, self.method), self.optimizer, device,
+                             batch_size=t.batch_size, accum_steps=self.accum, data_batches=2)
         host = synthetic_batches(cfg, self.method, self.micro, 2)
         self.batches = [to_device(b, device) for b in host]
         self.step = 0
         self.loss = torch.zeros((), device=device)
 
-    def run(self, forward: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
-        forward = forward or self.forward
-        for g in self.optimizer.param_groups:
-            g["lr"] = self._lr(self.step)
-        step_loss = torch.zeros((), device=self.device)
-        self._running_stats.save()
-        for a in range(self.accum):
-            batch = self.batches[(self.step * self.accum + a) % len(self.batches)]
-            with self.autocast:
-                out = forward(batch)
-            (out["loss"] / self.accum).backward()
-            step_loss += out["loss"].detach()
-        # the trainer's non-finite check and skip (device flags, no host sync) are part of the timed step
-        _, ok = self._update(self.optimizer, self.params, self.cfg.optim.clip_grad, torch.isfinite(step_loss))
-        self._running_stats.keep_if(ok)
-        self.loss += step_loss
+    def run(self, forward: Callable[..., dict[str, Tensor]] | None = None) -> None:
+        micro = (self.batches[(self.step * self.accum + a) % len(self.batches)] for a in range(self.accum))
+        res = self.train_step(micro, self.step, self.total_steps, self._lr(self.step), model=forward)
+        self.loss += res.loss
         self.step += 1
-        self.method.after_step(self.step, self.total_steps, ok)
 
     def eager_step(self) -> None:
         self.run(self.method)
 
     def view_maker_seconds(self, reps: int) -> list[float]:
-        """The on-device augmentation of one micro-batch, under the step's autocast as in ``forward``."""
+        """The on-device augmentation of one micro-batch, under the step's autocast as in the step."""
         batch = self.batches[0]
 
         def views() -> None:
-            with self.autocast:
-                self.method.make_views(batch)
+            with self.train_step.autocast:
+                self.train_step.inputs(batch)
 
         return _timeit(views, self.device, reps)
 
@@ -389,7 +379,7 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
               data_source: str = "auto", peak: bool = True, peak_sizes: list[int] | None = None,
               profile_steps: int = 0, profile_rows: int = 25) -> dict[str, Any]:
     """Measure everything; returns the result dict (also what the JSON line holds)."""
-    from cmim.engine.distributed import resolve_device
+    from cmim.core.distributed import resolve_device
 
     device = resolve_device(cfg.train.device)
     t, m = cfg.train, cfg.model
@@ -410,7 +400,7 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
 
     runner = StepRunner(cfg, device)  # first: it refuses a batch that cannot fit before any timing
     measure_peaks()
-    p = sum(x.numel() for x in runner.params)
+    p = sum(x.numel() for x in runner.train_step.params)
     res["trainable_params_m"] = p / 1e6
     for _ in range(max(1, warmup)):
         runner.run()
@@ -496,7 +486,7 @@ def _run(args: argparse.Namespace) -> int:
                         profile_steps=args.profile,
                         profile_rows=args.profile_rows)
     except torch.OutOfMemoryError:
-        from cmim.engine.distributed import resolve_device
+        from cmim.core.distributed import resolve_device
         from cmim.engine.memory import out_of_memory_error
 
         raise out_of_memory_error(resolve_device(cfg.train.device), cfg.train.batch_size,

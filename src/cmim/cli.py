@@ -14,8 +14,7 @@ import sys
 from collections.abc import Callable
 
 from cmim.config import ConfigError, load_config
-from cmim.engine.checkpoint import CheckpointError
-from cmim.engine.errors import TrainingError
+from cmim.core.errors import CheckpointError, TrainingError
 
 USER_ERRORS = (ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-METHODS = ("conmim", "mocov3", "mimco", "simmim")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user as one line."""
+from cmim.core.errors import ConfigError, require
 
 
 @dataclass
@@ -42,6 +38,7 @@ class ModelConfig:
     pos_embed: str = "learn"  # "learn" | "sincos" (fixed 2-D sin-cos, MoCo v3); ViT family only
     frozen_patch_embed: bool = False  # MoCo v3's frozen random patch projection
     global_pool: str = "avg"  # pooled feature of the exported timm model: "avg" (mean of patch tokens) | "token"
+    init: str = "timm"  # "timm" (timm's default init) | "mocov3" (MoCo v3's xavier init, qkv as three matrices)
 
 
 @dataclass
@@ -137,68 +134,26 @@ class MonitorConfig:
     raw_pixels: bool = True
 
 
-@dataclass
-class ConMIMConfig:
-    temperature: float = 0.1
-    proj_hidden_dim: int = 4096
-    proj_out_dim: int = 256
-    momentum: float = 0.996  # EMA momentum, cosine to momentum_final per iteration; 0 = no EMA (ablation)
-    momentum_final: float = 1.0
-    teacher_view: str = "conmim_strong"  # photometric profile of the teacher view; "none" = both weak
-    student_view: str = "none"
+def _schema() -> type:
+    """The whole config: the shared sections above plus each method's own section (``cfg.<method name>``),
+    taken from the method registry (:func:`cmim.methods.method_specs`)."""
+    from cmim.methods import method_specs
+
+    shared = [("method", str, field(default="conmim")),
+              ("model", ModelConfig, field(default_factory=ModelConfig)),
+              ("data", DataConfig, field(default_factory=DataConfig)),
+              ("mask", MaskConfig, field(default_factory=MaskConfig)),
+              ("optim", OptimConfig, field(default_factory=OptimConfig)),
+              ("train", TrainConfig, field(default_factory=TrainConfig)),
+              ("monitor", MonitorConfig, field(default_factory=MonitorConfig))]
+    sections = [(spec.name, spec.config, field(default_factory=spec.config)) for spec in method_specs().values()]
+    return make_dataclass("Config", shared + sections)
 
 
-@dataclass
-class MoCoV3Config:
-    temperature: float = 0.2
-    proj_hidden_dim: int = 4096
-    proj_out_dim: int = 256
-    pred_hidden_dim: int = 4096
-    momentum: float = 0.99
-    momentum_final: float = 1.0
-    # photometric profiles of the two crops (reference: BYOL's asymmetric pair); other pairs for tiny images
-    views: list[str] = field(default_factory=lambda: ["byol1", "byol2"])
+Config = _schema()
 
 
-@dataclass
-class MimCoConfig:
-    teacher: str | None = None  # path: cmim checkpoint, MoCo v3 release .pth.tar, or timm weights
-    teacher_format: str = "auto"  # auto | cmim | mocov3 | timm
-    teacher_timm_name: str | None = None  # for teacher_format=timm
-    teacher_timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    teacher_encoder: str = "teacher"  # for cmim checkpoints: teacher (EMA) | student
-    target: str = "projector"  # teacher features used as targets: "projector" outputs | "backbone" tokens
-    patch_target: str | None = None  # override of `target` for the patch loss only; None = same as target
-    patch_temperature: float = 0.1
-    image_temperature: float = 0.2
-    image_weight: float = 1.0  # lambda in L = L_patch + lambda * L_image
-    patch_negatives: str = "image"  # "image": other patches of the same image | "batch": all patches
-    proj_hidden_dim: int = 4096
-    head_layers: int = 3  # student patch / image heads: MLPHead(D, proj_hidden_dim, teacher width, head_layers)
-    teacher_view: str = "none"
-
-
-@dataclass
-class SimMIMConfig:
-    norm_pix: bool = True
-
-
-@dataclass
-class Config:
-    method: str = "conmim"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    conmim: ConMIMConfig = field(default_factory=ConMIMConfig)
-    mocov3: MoCoV3Config = field(default_factory=MoCoV3Config)
-    mimco: MimCoConfig = field(default_factory=MimCoConfig)
-    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """Read a recipe, following ``_base_`` (a path or list of paths relative to the recipe)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -215,7 +170,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     bases = [bases] if isinstance(bases, str) else bases
     merged: dict = {}
     for b in bases:
-        merged = _deep_merge(merged, _read_yaml((path.parent / b).resolve(), seen + (path,)))
+        merged = _deep_merge(merged, read_recipe((path.parent / b).resolve(), seen + (path,)))
     return _deep_merge(merged, data)
 
 
@@ -241,7 +196,7 @@ def merge_config(schema: type, layers: list[Any], recipe: str | os.PathLike | No
         for layer in layers:
             cfg = OmegaConf.merge(cfg, layer)
         if recipe is not None:
-            cfg = OmegaConf.merge(cfg, _read_yaml(Path(recipe).resolve()))
+            cfg = OmegaConf.merge(cfg, read_recipe(Path(recipe).resolve()))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
@@ -258,118 +213,96 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return merge_config(Config, [], path, overrides, validate)
 
 
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 def validate_data_input(d: DictConfig) -> None:
     """The data keys about what users feed as image folders (shared by pre-training and eval configs)."""
-    _require(d.max_image_pixels is None or d.max_image_pixels > 0, "data.max_image_pixels: must be positive or null")
-    _require(len(d.background) == 3 and all(0 <= v <= 255 for v in d.background),
+    require(d.max_image_pixels is None or d.max_image_pixels > 0, "data.max_image_pixels: must be positive or null")
+    require(len(d.background) == 3 and all(0 <= v <= 255 for v in d.background),
              f"data.background: need 3 values in 0..255 (an RGB colour), got {list(d.background)}")
-    _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
     if d.val_fraction > 0 and d.name == "folder":
-        _require(d.train_split == "train",
+        require(d.train_split == "train",
                  f"data.train_split: must be 'train' with data.val_fraction > 0 (the split's part), "
                  f"got {d.train_split!r}")
-        _require(d.eval_split in ("val", "test"),
+        require(d.eval_split in ("val", "test"),
                  f"data.eval_split: must be 'val' or 'test' with data.val_fraction > 0 (the held-out part), "
                  f"got {d.eval_split!r}")
 
 
 def validate(cfg: DictConfig) -> None:
     """Check relations between values; raise ConfigError with one line naming the key."""
+    from cmim.methods import method_spec, method_specs
+
     m, d, mk, o, t = cfg.model, cfg.data, cfg.mask, cfg.optim, cfg.train
-    _require(cfg.method in METHODS, f"method: unknown method {cfg.method!r} (choose from {', '.join(METHODS)})")
-    _require(m.family in ("vit", "beit"), f"model.family: must be vit or beit, got {m.family!r}")
-    _require(m.size in ("tiny", "small", "base", "large"), f"model.size: unknown preset {m.size!r}")
-    _require(m.pos_embed in ("learn", "sincos"), f"model.pos_embed: must be learn or sincos, got {m.pos_embed!r}")
-    _require(m.global_pool in ("avg", "token"), f"model.global_pool: must be avg or token, got {m.global_pool!r}")
-    _require(m.patch_size > 0, "model.patch_size: must be positive")
-    _require(0.0 <= m.drop_path < 1.0, f"model.drop_path: must be in [0, 1), got {m.drop_path}")
-    _require(d.img_size > 0 and d.img_size % m.patch_size == 0,
+    specs = method_specs()
+    require(cfg.method in specs, f"method: unknown method {cfg.method!r} (choose from {', '.join(specs)})")
+    require(m.family in ("vit", "beit"), f"model.family: must be vit or beit, got {m.family!r}")
+    require(m.size in ("tiny", "small", "base", "large"), f"model.size: unknown preset {m.size!r}")
+    require(m.pos_embed in ("learn", "sincos"), f"model.pos_embed: must be learn or sincos, got {m.pos_embed!r}")
+    require(m.init in ("timm", "mocov3"), f"model.init: must be timm or mocov3, got {m.init!r}")
+    require(m.global_pool in ("avg", "token"), f"model.global_pool: must be avg or token, got {m.global_pool!r}")
+    require(m.patch_size > 0, "model.patch_size: must be positive")
+    require(0.0 <= m.drop_path < 1.0, f"model.drop_path: must be in [0, 1), got {m.drop_path}")
+    require(d.img_size > 0 and d.img_size % m.patch_size == 0,
              f"data.img_size: {d.img_size} is not divisible by model.patch_size {m.patch_size}")
-    _require(d.name in ("fashion-mnist", "folder", "synthetic", "cifar10", "cifar100"),
+    require(d.name in ("fashion-mnist", "folder", "synthetic", "cifar10", "cifar100"),
              f"data.name: unknown dataset {d.name!r}")
-    _require(d.in_chans in (1, 3), f"data.in_chans: must be 1 or 3, got {d.in_chans}")
-    _require(len(d.mean) == d.in_chans and len(d.std) == d.in_chans,
+    require(d.in_chans in (1, 3), f"data.in_chans: must be 1 or 3, got {d.in_chans}")
+    require(len(d.mean) == d.in_chans and len(d.std) == d.in_chans,
              f"data.mean/std: need {d.in_chans} values each (data.in_chans)")
-    _require(all(s > 0 for s in d.std), "data.std: values must be positive")
-    _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+    require(all(s > 0 for s in d.std), "data.std: values must be positive")
+    require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
              f"data.crop_scale: need 0 < min <= max <= 1, got {list(d.crop_scale)}")
-    _require(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1],
+    require(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1],
              f"data.crop_ratio: need 0 < min <= max, got {list(d.crop_ratio)}")
-    _require(d.interpolation in ("bicubic", "bilinear"), f"data.interpolation: {d.interpolation!r} unsupported")
-    _require(0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob: must be in [0, 1]")
-    _require(0.0 < d.eval_crop_pct <= 1.0, "data.eval_crop_pct: must be in (0, 1]")
-    _require(d.num_workers >= 0, "data.num_workers: must be >= 0")
+    require(d.interpolation in ("bicubic", "bilinear"), f"data.interpolation: {d.interpolation!r} unsupported")
+    require(0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob: must be in [0, 1]")
+    require(0.0 < d.eval_crop_pct <= 1.0, "data.eval_crop_pct: must be in (0, 1]")
+    require(d.num_workers >= 0, "data.num_workers: must be >= 0")
     validate_data_input(d)
-    _require(d.val_fraction == 0 or d.name == "folder",
+    require(d.val_fraction == 0 or d.name == "folder",
              f"data.val_fraction: only splits data.name=folder, not {d.name} (which has its own splits)")
     if d.name != "synthetic":
         if d.root is not None:
-            _require(Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
+            require(Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
         else:
-            _require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
-    _require(mk.kind in ("block", "random"), f"mask.kind: must be block or random, got {mk.kind!r}")
-    _require(0.0 < mk.ratio < 1.0, f"mask.ratio: must be in (0, 1), got {mk.ratio}")
+            require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
+    require(mk.kind in ("block", "random"), f"mask.kind: must be block or random, got {mk.kind!r}")
+    require(0.0 < mk.ratio < 1.0, f"mask.ratio: must be in (0, 1), got {mk.ratio}")
     grid = d.img_size // m.patch_size
-    _require(mk.cell >= 1 and grid % mk.cell == 0,
+    require(mk.cell >= 1 and grid % mk.cell == 0,
              f"mask.cell: patch grid {grid} is not divisible by mask.cell {mk.cell}")
-    _require(mk.min_num_patches >= 1, "mask.min_num_patches: must be >= 1")
-    _require(0.0 < mk.min_aspect <= 1.0, "mask.min_aspect: must be in (0, 1]")
-    _require(o.lr is None or o.lr > 0, "optim.lr: must be positive")
-    _require(o.blr > 0 and o.min_lr >= 0, "optim.blr/min_lr: must be positive")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas: need two values in [0, 1)")
-    _require(o.weight_decay >= 0, "optim.weight_decay: must be >= 0")
-    _require(o.warmup_epochs >= 0, "optim.warmup_epochs: must be >= 0")
-    _require(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad: must be positive or null")
-    _require(t.epochs > 0, f"train.epochs: must be positive, got {t.epochs}")
-    _require(t.batch_size > 0, f"train.batch_size: must be positive, got {t.batch_size}")
-    _require(t.accum_steps >= 1, "train.accum_steps: must be >= 1")
-    _require(t.batch_size % t.accum_steps == 0,
+    require(mk.min_num_patches >= 1, "mask.min_num_patches: must be >= 1")
+    require(0.0 < mk.min_aspect <= 1.0, "mask.min_aspect: must be in (0, 1]")
+    require(o.lr is None or o.lr > 0, "optim.lr: must be positive")
+    require(o.blr > 0 and o.min_lr >= 0, "optim.blr/min_lr: must be positive")
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas: need two values in [0, 1)")
+    require(o.weight_decay >= 0, "optim.weight_decay: must be >= 0")
+    require(o.warmup_epochs >= 0, "optim.warmup_epochs: must be >= 0")
+    require(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad: must be positive or null")
+    require(t.epochs > 0, f"train.epochs: must be positive, got {t.epochs}")
+    require(t.batch_size > 0, f"train.batch_size: must be positive, got {t.batch_size}")
+    require(t.accum_steps >= 1, "train.accum_steps: must be >= 1")
+    require(t.batch_size % t.accum_steps == 0,
              f"train.batch_size: {t.batch_size} is not divisible by train.accum_steps {t.accum_steps}")
-    _require(t.precision in ("bf16", "fp32"), f"train.precision: must be bf16 or fp32, got {t.precision!r}")
-    _require(t.device in ("auto", "cpu", "cuda"), f"train.device: must be auto, cpu or cuda, got {t.device!r}")
-    _require(t.max_steps is None or t.max_steps > 0, "train.max_steps: must be positive or null")
-    _require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
-    _require(t.ckpt_every_steps >= 0 and t.log_every_steps > 0, "train.ckpt_every_steps/log_every_steps: invalid")
+    require(t.precision in ("bf16", "fp32"), f"train.precision: must be bf16 or fp32, got {t.precision!r}")
+    require(t.device in ("auto", "cpu", "cuda"), f"train.device: must be auto, cpu or cuda, got {t.device!r}")
+    require(t.max_steps is None or t.max_steps > 0, "train.max_steps: must be positive or null")
+    require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
+    require(t.ckpt_every_steps >= 0 and t.log_every_steps > 0, "train.ckpt_every_steps/log_every_steps: invalid")
     if t.resume not in (None, "auto"):
-        _require(Path(t.resume).is_file(), f"train.resume: checkpoint not found: {t.resume}")
+        require(Path(t.resume).is_file(), f"train.resume: checkpoint not found: {t.resume}")
     mon = cfg.monitor
-    _require(mon.every_epochs >= 0, "monitor.every_epochs: must be >= 0")
-    _require(mon.encoder in ("teacher", "student"), "monitor.encoder: must be teacher or student")
-    _require(mon.feature in ("mean", "cls") or (mon.feature.startswith("grid") and mon.feature[4:].isdigit()),
+    require(mon.every_epochs >= 0, "monitor.every_epochs: must be >= 0")
+    require(mon.encoder in ("teacher", "student"), "monitor.encoder: must be teacher or student")
+    require(mon.feature in ("mean", "cls") or (mon.feature.startswith("grid") and mon.feature[4:].isdigit()),
              "monitor.feature: must be mean, cls or gridG (e.g. grid2)")
-    _require(mon.k >= 1 and mon.temperature > 0, "monitor.k/temperature: must be positive")
-    for name in ("conmim", "mocov3"):
-        sec = cfg[name]
-        _require(sec.temperature > 0, f"{name}.temperature: must be positive")
-        _require(0.0 <= sec.momentum <= 1.0 and 0.0 <= sec.momentum_final <= 1.0,
-                 f"{name}.momentum: must be in [0, 1]")
-    profiles = ("none", "conmim_strong", "byol1", "byol2")
-    _require(cfg.conmim.teacher_view in profiles, f"conmim.teacher_view: must be one of {profiles}")
-    _require(cfg.conmim.student_view in profiles, f"conmim.student_view: must be one of {profiles}")
-    mc = cfg.mimco
-    _require(mc.teacher_view in profiles, f"mimco.teacher_view: must be one of {profiles}")
-    _require(mc.target in ("projector", "backbone"), "mimco.target: must be projector or backbone")
-    _require(mc.patch_target in (None, "projector", "backbone"),
-             "mimco.patch_target: must be projector, backbone or null")
-    _require(mc.head_layers >= 1, "mimco.head_layers: must be >= 1")
-    _require(mc.teacher_encoder in ("teacher", "student"), "mimco.teacher_encoder: must be teacher or student")
-    _require(len(cfg.mocov3.views) == 2 and all(v in profiles for v in cfg.mocov3.views),
-             f"mocov3.views: need two profiles from {profiles}")
-    _require(cfg.mocov3.proj_hidden_dim > 0 and cfg.mocov3.proj_out_dim > 0 and cfg.mocov3.pred_hidden_dim > 0,
-             "mocov3 head sizes must be positive")
-    _require(mc.patch_negatives in ("image", "batch"), "mimco.patch_negatives: must be image or batch")
-    _require(mc.teacher_format in ("auto", "cmim", "mocov3", "timm"), "mimco.teacher_format: unknown format")
-    _require(mc.patch_temperature > 0 and mc.image_temperature > 0, "mimco temperatures must be positive")
-    _require(mc.image_weight >= 0, "mimco.image_weight: must be >= 0")
-    if cfg.method == "mimco":
-        _require(mc.teacher is not None, "mimco.teacher: a teacher checkpoint is required for method=mimco")
-    if mc.teacher is not None and cfg.method == "mimco":
-        _require(Path(mc.teacher).is_file(), f"mimco.teacher: file not found: {mc.teacher}")
+    require(mon.k >= 1 and mon.temperature > 0, "monitor.k/temperature: must be positive")
+    method_spec(cfg.method).validate(cfg)  # the method's own section
+    for spec in method_specs().values():
+        if spec.name != cfg.method:
+            spec.validate(cfg)  # the other sections stay checked too: a recipe may switch method=
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -23,10 +23,12 @@ import timm
 import torch
 from torch import nn
 
-from cmim.engine.checkpoint import CheckpointError
+from cmim.core.errors import CheckpointError
+from cmim.core.io import atomic_path, atomic_write_text
 from cmim.eval.loading import EXPORT_META_KEY, EncoderSource, load_source
+from cmim.eval.timm_model import build_timm_model
 
-__all__ = ["add_parser", "build_timm_model", "export_encoder", "load_encoder"]
+__all__ = ["add_parser", "export_encoder", "load_encoder"]
 
 log = logging.getLogger("cmim")
 
@@ -79,29 +81,13 @@ def export_encoder(ckpt: str | os.PathLike, out: str | os.PathLike, which: str =
         "encoder": src.which, "method": src.method, "source": str(ckpt), "source_sha256": src.sha256,
         "step": src.extra.get("step"), "data": _data_hints(src), "cmim_version": _version(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", EXPORT_META_KEY: json.dumps(meta)})
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", EXPORT_META_KEY: json.dumps(meta)})
     sidecar = dict(meta, pretrained_cfg_overlay=pretrained_cfg_overlay(meta, str(out)),
                    usage=(f"timm.create_model({enc.timm_name!r}, pretrained=True, "
                           f"pretrained_cfg_overlay=dict(file={str(out)!r}), **timm_kwargs)"))
-    out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
     return meta
-
-
-def build_timm_model(src: EncoderSource, pretrained: bool = True, **overrides: Any) -> nn.Module:
-    """A fresh timm model of ``src``'s architecture (kwargs may be overridden, e.g. num_classes, global_pool,
-    drop_path_rate), carrying ``src``'s weights when ``pretrained``; only a classifier head may be missing."""
-    kwargs = {**src.encoder.timm_kwargs, **overrides}
-    model = timm.create_model(src.encoder.timm_name, pretrained=False, **kwargs)
-    if pretrained:
-        missing, unexpected = model.load_state_dict(src.encoder.backbone.state_dict(), strict=False)
-        bad = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
-        if bad or unexpected:
-            raise CheckpointError(f"{src.path}: weights do not fit {src.encoder.timm_name} with {overrides} "
-                                  f"(missing {bad[:3]}, unexpected {unexpected[:3]})")
-    return model
 
 
 def load_encoder(path: str | os.PathLike, which: str = "teacher", **timm_kwargs: Any) -> nn.Module:

@@ -26,14 +26,15 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from cmim.config import ConfigError, load_config
+from cmim.core.distributed import cleanup, resolve_device
+from cmim.core.io import atomic_write_text
 from cmim.data.augment import normalize
 from cmim.data.views import build_eval_dataset
-from cmim.engine.distributed import cleanup, resolve_device
 from cmim.eval.knn import first_n, knn_accuracy
+from cmim.methods import method_specs
 from cmim.models import MaskedEncoder, build_encoder
 
 FEATURES = ("cls", "mean")
-PROJECTOR_METHODS = ("mocov3", "conmim")  # methods whose checkpoints hold a projector
 
 
 def _add_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
@@ -108,9 +109,10 @@ def load_stage_configs(args: argparse.Namespace) -> tuple[DictConfig, DictConfig
                           f"{cfg1.data.in_chans}-channel images vs {grid2}x{grid2} of "
                           f"{cfg2.data.in_chans}-channel (data.img_size, model.patch_size, data.in_chans)")
     targets = {cfg2.mimco.target, cfg2.mimco.patch_target or cfg2.mimco.target}
-    if "projector" in targets and cfg1.method not in PROJECTOR_METHODS:
+    with_projector = [name for name, spec in method_specs().items() if spec.has_projector]
+    if "projector" in targets and cfg1.method not in with_projector:
         raise ConfigError(f"mimco.target=projector needs a teacher with a projector "
-                          f"({', '.join(PROJECTOR_METHODS)}), stage 1 is {cfg1.method}: "
+                          f"({', '.join(with_projector)}), stage 1 is {cfg1.method}: "
                           "set mimco.target=backbone")
     if cfg2.mimco.teacher_format not in ("auto", "cmim"):
         raise ConfigError("mimco.teacher_format: the pipeline's teacher is a cmim checkpoint "
@@ -221,8 +223,8 @@ def run(args: argparse.Namespace) -> int:
     table = summary_table(result)
     print(table, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline_summary.json").write_text(json.dumps(result, indent=2))
-    (out / "pipeline_summary.md").write_text(table + "\n")
+    atomic_write_text(out / "pipeline_summary.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "pipeline_summary.md", table + "\n")
     return 0
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from cmim.config import ConfigError
-from cmim.engine.checkpoint import CheckpointError, UnsafeCheckpointError
+from cmim.core.errors import CheckpointError, UnsafeCheckpointError
+from cmim.core.io import atomic_write_text
 
 __all__ = ["add_parser", "draw_pictures", "write_report"]
 
@@ -222,7 +223,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, pictures: b
 """
     out = Path(out) if out else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    atomic_write_text(out, page)
     return out
 
 

@@ -7,6 +7,7 @@ from cmim.data.augment import (
     PROFILES,
     PhotometricProfile,
     ViewMaker,
+    ViewSpec,
     apply_photometric,
     normalize,
     sample_photometric_params,
@@ -26,7 +27,6 @@ from cmim.data.datasets import (
 from cmim.data.views import (
     EvalDataset,
     PretrainDataset,
-    ViewSpec,
     build_eval_dataset,
     build_pretrain_dataset,
 )

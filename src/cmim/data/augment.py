@@ -1,4 +1,5 @@
-"""Batched photometric augmentation, applied on the device from per-sample parameters.
+"""The on-device view stage: what views a method needs (:class:`ViewSpec`), and batched photometric
+augmentation applied on the device from per-sample parameters (:class:`ViewMaker`).
 
 The data loader workers only *sample* the photometric parameters of every view (cheap, deterministic,
 see :func:`sample_photometric_params`); the pixel work runs batched on whatever device the batch lives
@@ -31,17 +32,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from cmim.data.views import ViewSpec
+MaskGenerator = Callable[[np.random.Generator], np.ndarray]  # a per-sample RNG -> bool (grid_h, grid_w)
 
 __all__ = [
+    "MaskGenerator",
+    "ViewSpec",
     "IDENTITY_PARAMS",
     "NUM_PARAMS",
     "PARAM_NAMES",
@@ -105,6 +106,37 @@ PROFILES: dict[str, PhotometricProfile | None] = {
     "byol1": PhotometricProfile(blur_p=1.0, solarize_p=0.0),
     "byol2": PhotometricProfile(blur_p=0.1, solarize_p=0.2),
 }
+
+
+@dataclass
+class ViewSpec:
+    """Which crops a method needs and how each view is made from them.
+
+    ``num_crops=1`` makes all views share one crop and flip (ConMIM / MimCo); ``num_crops=2`` gives MoCo v3
+    its two independent crops. ``profiles[v]`` names the photometric profile of view ``v`` (see
+    :data:`cmim.data.augment.PROFILES`) and ``crop_of_view[v]`` the crop it starts from.
+    """
+
+    num_crops: int
+    profiles: list[str]
+    crop_of_view: list[int]
+    mask_generator: MaskGenerator | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_crops < 1:
+            raise ValueError(f"num_crops must be >= 1, got {self.num_crops}")
+        if len(self.profiles) != len(self.crop_of_view):
+            raise ValueError("profiles and crop_of_view must have one entry per view")
+        for c in self.crop_of_view:
+            if not 0 <= c < self.num_crops:
+                raise ValueError(f"crop index {c} out of range for num_crops={self.num_crops}")
+        for p in self.profiles:
+            if p not in PROFILES:
+                raise ValueError(f"unknown photometric profile {p!r}; expected one of {sorted(PROFILES)}")
+
+    @property
+    def num_views(self) -> int:
+        return len(self.profiles)
 
 
 def _blur_radius() -> int:

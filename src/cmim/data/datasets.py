@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from cmim.core.io import atomic_write_text
+
 __all__ = [
     "DEFAULT_BACKGROUND",
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -167,10 +169,29 @@ class FashionMNIST(_ArrayDataset):
         self.root, self.split = root_p, split
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and NumPy arrays only: a CIFAR batch needs nothing else, and a file that asks
+    for any other global (which is how a pickle runs code) is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused: the file references {module}.{name}, which a CIFAR batch never "
+                                     "does (unpickling it could run code)")
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
-    """Load one CIFAR python batch (official pickle format) with str keys. Only use trusted files."""
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+    """Load one CIFAR python batch (official pickle format) with str keys; only arrays and containers."""
+    try:
+        with open(path, "rb") as f:
+            d = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a CIFAR python batch ({str(e) or type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: not a CIFAR python batch (no dict inside)")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
@@ -682,7 +703,7 @@ def write_skip_list(path: str | os.PathLike, items: Sequence[tuple[str, str]]) -
     if not items:
         p.unlink(missing_ok=True)
         return
-    p.write_text("".join(f"{f}\t{why}\n" for f, why in items))
+    atomic_write_text(p, "".join(f"{f}\t{why}\n" for f, why in items))
 
 
 def read_skip_list(path: str | os.PathLike) -> list[tuple[str, str]]:

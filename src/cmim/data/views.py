@@ -10,8 +10,7 @@ crops plus the sampled parameters.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,19 +21,16 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
-from cmim.data.augment import NUM_PARAMS, PROFILES, sample_photometric_params
+from cmim.data.augment import NUM_PARAMS, ViewSpec, sample_photometric_params
 from cmim.data.datasets import BaseImageDataset, ImageLike, build_base_dataset
 
 __all__ = [
     "EvalDataset",
     "PretrainDataset",
-    "ViewSpec",
     "build_eval_dataset",
     "build_pretrain_dataset",
     "random_resized_crop_params",
 ]
-
-MaskGenerator = Callable[[np.random.Generator], np.ndarray]
 
 _PIL_INTERP = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -53,37 +49,6 @@ def _interp(name: str, table: dict[str, Any]) -> Any:
         return table[str(name).lower()]
     except KeyError:
         raise ValueError(f"unknown interpolation {name!r}; expected one of {sorted(table)}") from None
-
-
-@dataclass
-class ViewSpec:
-    """Which crops a method needs and how each view is made from them.
-
-    ``num_crops=1`` makes all views share one crop and flip (ConMIM / MimCo); ``num_crops=2`` gives MoCo v3
-    its two independent crops. ``profiles[v]`` names the photometric profile of view ``v`` (see
-    :data:`cmim.data.augment.PROFILES`) and ``crop_of_view[v]`` the crop it starts from.
-    """
-
-    num_crops: int
-    profiles: list[str]
-    crop_of_view: list[int]
-    mask_generator: MaskGenerator | None = None
-
-    def __post_init__(self) -> None:
-        if self.num_crops < 1:
-            raise ValueError(f"num_crops must be >= 1, got {self.num_crops}")
-        if len(self.profiles) != len(self.crop_of_view):
-            raise ValueError("profiles and crop_of_view must have one entry per view")
-        for c in self.crop_of_view:
-            if not 0 <= c < self.num_crops:
-                raise ValueError(f"crop index {c} out of range for num_crops={self.num_crops}")
-        for p in self.profiles:
-            if p not in PROFILES:
-                raise ValueError(f"unknown photometric profile {p!r}; expected one of {sorted(PROFILES)}")
-
-    @property
-    def num_views(self) -> int:
-        return len(self.profiles)
 
 
 def random_resized_crop_params(

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmim.engine.errors import TrainingError
+from cmim.core.errors import TrainingError
 
 log = logging.getLogger("cmim")
 
@@ -65,8 +65,9 @@ class StepMemory:
         return self.activations(b) + self.state + self.data_per_image * b * data_batches
 
 
-def saved_tensor_bytes(method: nn.Module, batch: dict[str, Any], autocast: Any) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one forward of ``batch`` (no backward)."""
+def saved_tensor_bytes(method: nn.Module, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any]) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one ``forward`` of ``batch`` (the step's
+    views and method under its autocast; no backward)."""
     own = {t.untyped_storage().data_ptr() for t in [*method.parameters(), *method.buffers()]}
     seen: dict[int, int] = {}
 
@@ -77,8 +78,8 @@ def saved_tensor_bytes(method: nn.Module, batch: dict[str, Any], autocast: Any) 
             seen[ptr] = max(seen.get(ptr, 0), s.nbytes())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        out = method(batch)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward(batch)
     total = sum(seen.values())
     del out
     return total
@@ -98,8 +99,9 @@ def _untouched(method: nn.Module, device: torch.device):
                     b.copy_(saved)
 
 
-def estimate_step_memory(method: nn.Module, make_batch: Callable[[int], dict[str, Any]], autocast: Any,
-                         optimizer: torch.optim.Optimizer, device: torch.device) -> StepMemory:
+def estimate_step_memory(method: nn.Module, make_batch: Callable[[int], dict[str, Any]],
+                         forward: Callable[[dict[str, Any]], Any], optimizer: torch.optim.Optimizer,
+                         device: torch.device) -> StepMemory:
     """Measure the method's saved tensors on micro-batches of 2, 3 and 4 images (2: BatchNorm needs more than
     one sample per channel in train mode) and fit ``c + l*b + q*b^2`` through the three points."""
     sizes = PROBE_SIZES
@@ -109,7 +111,7 @@ def estimate_step_memory(method: nn.Module, make_batch: Callable[[int], dict[str
     with _untouched(method, device):
         for n in sizes:
             batch = {k: v[:n].to(device) if torch.is_tensor(v) else v for k, v in host.items()}
-            s.append(float(saved_tensor_bytes(method, batch, autocast)))
+            s.append(float(saved_tensor_bytes(method, forward, batch)))
     (x0, x1, x2), (s0, s1, s2) = sizes, s
     d01, d12 = (s1 - s0) / (x1 - x0), (s2 - s1) / (x2 - x1)
     q = max(0.0, (d12 - d01) / (x2 - x0))
@@ -196,8 +198,9 @@ def _largest_fit(fn: Callable[[int], float], avail: float, upper: int) -> int:
     return lo
 
 
-def check_batch_fits(method: nn.Module, make_batch: Callable[[int], dict[str, Any]], autocast: Any,
-                     optimizer: torch.optim.Optimizer, device: torch.device, *, batch_size: int, accum_steps: int,
+def check_batch_fits(method: nn.Module, make_batch: Callable[[int], dict[str, Any]],
+                     forward: Callable[[dict[str, Any]], Any], optimizer: torch.optim.Optimizer,
+                     device: torch.device, *, batch_size: int, accum_steps: int,
                      world_size: int = 1, data_batches: int = 1, processes_per_host: int = 1,
                      reduce_min: Callable[[float], float] | None = None) -> StepMemory:
     """Raise :class:`TrainingError` when a step of ``batch_size`` cannot fit; the estimate otherwise.
@@ -206,7 +209,7 @@ def check_batch_fits(method: nn.Module, make_batch: Callable[[int], dict[str, An
     ``processes_per_host``: processes sharing this host's RAM; ``reduce_min``: the minimum over processes (so
     that every process stops, or none)."""
     micro = batch_size // (world_size * accum_steps)
-    est = estimate_step_memory(method, make_batch, autocast, optimizer, device)
+    est = estimate_step_memory(method, make_batch, forward, optimizer, device)
     host = host_available_bytes()
     checks: list[tuple[str, Callable[[int], float], float | None]] = []
     if device.type == "cpu":

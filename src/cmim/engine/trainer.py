@@ -8,7 +8,7 @@ about a particular method: the method returns ``{"loss": ...}`` and updates its 
 Robust steps: a step whose loss or gradient norm is NaN/inf is skipped on the device (fused AdamW's
 ``found_inf``, a 0-weight EMA lerp, BatchNorm statistics put back; see :func:`optimizer_update`), counted
 (``nonfinite_steps``), and ``train.max_nonfinite_steps`` of them in a row stop the run with a
-:class:`~cmim.engine.errors.TrainingError` before anything more is saved. A batch that cannot fit in memory
+:class:`~cmim.core.errors.TrainingError` before anything more is saved. A batch that cannot fit in memory
 is refused before the first step (:mod:`cmim.engine.memory`).
 
 Hot-loop rule: no ``.item()`` or other host syncs except on logging and checkpoint steps (the skip decision
@@ -17,7 +17,6 @@ stays on the device; only ``optim.fused=false`` reads it on the host).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -34,22 +33,19 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from cmim.config import to_yaml
+from cmim.core.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from cmim.core.errors import CheckpointError, TrainingError, first_line, load_error_detail
+from cmim.core.io import atomic_torch_save, atomic_write_text
+from cmim.core.schedules import cosine_schedule, scaled_lr
+from cmim.core.weights import load_checkpoint
+from cmim.data.augment import ViewMaker
 from cmim.data.datasets import all_reduce_skips, read_skip_list, skip_report, write_skip_list
 from cmim.data.views import build_eval_dataset, build_pretrain_dataset
-from cmim.engine.checkpoint import (
-    CheckpointError,
-    atomic_torch_save,
-    check_resumable,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-)
-from cmim.engine.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
-from cmim.engine.errors import TrainingError
+from cmim.engine.checkpoint import check_resumable, rng_state, set_rng_state
 from cmim.engine.logger import MetricsLogger
 from cmim.engine.memory import check_batch_fits, out_of_memory_error
 from cmim.engine.sampler import GlobalBatchSampler
-from cmim.engine.schedules import cosine_schedule
+from cmim.engine.step import TrainStep
 from cmim.eval.knn import online_knn, pixel_knn
 from cmim.methods import Method, build_method
 from cmim.models.sync_bn import convert_global_batchnorm
@@ -60,7 +56,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def peak_lr(cfg: DictConfig) -> float:
-    return cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * cfg.train.batch_size / 256
+    return scaled_lr(cfg.optim.lr, cfg.optim.blr, cfg.train.batch_size)
 
 
 def build_optimizer(method: Method, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -68,60 +64,6 @@ def build_optimizer(method: Method, cfg: DictConfig, device: torch.device) -> to
     groups = method.param_groups(o.weight_decay)
     fused = bool(o.fused) and device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=tuple(o.betas), eps=o.eps, fused=fused or None)
-
-
-def optimizer_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip_grad: float | None,
-                     finite: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip (when set), step unless the step is non-finite, clear the gradients. Shared by the trainer and
-    ``cmim bench``, so the benchmark times exactly the training step.
-
-    Returns ``(grad_norm, ok)``, device tensors: the gradient norm before clipping, and whether it and
-    ``finite`` (e.g. the loss is finite) hold. A step that is not ok changes nothing: parameters, AdamW moments
-    and step counters stay bit-identical. Fused AdamW (the default) skips it on the device through its
-    ``found_inf`` input (the mechanism GradScaler uses; 0 = update as usual), so no host sync is needed; the
-    unfused optimizer has no such input and reads ``ok`` on the host (a sync on CUDA).
-    """
-    if clip_grad is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad, foreach=True)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-    ok = torch.isfinite(grad_norm)
-    if finite is not None:
-        ok = ok & finite
-    if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused: honours optimizer.found_inf
-        optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf  # type: ignore[attr-defined]
-    elif ok.item():
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, ok
-
-
-class RunningStats:
-    """BatchNorm running statistics change in the forward, before the step is known to be finite: a copy is
-    taken before each step and put back when the step is skipped (a device select, no host sync; bit-identical
-    when the step is kept). Also the EMA teacher's, which normalizes in train mode."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.stats = [b for m in module.modules()
-                      if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
-                      for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-        self.saved = [torch.empty_like(b) for b in self.stats]
-
-    def save(self) -> None:
-        if self.stats:
-            torch._foreach_copy_(self.saved, self.stats)
-
-    def keep_if(self, ok: torch.Tensor) -> None:
-        for b, saved in zip(self.stats, self.saved, strict=True):
-            torch.where(ok, b, saved, out=b)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def encoder_meta(method: Method) -> dict[str, Any]:
@@ -138,7 +80,7 @@ class Trainer:
         self.out_dir = Path(t.out_dir)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+            atomic_write_text(self.out_dir / "config.yaml", to_yaml(cfg))
         torch.manual_seed(t.seed)  # identical initial weights on every process
         self.method = build_method(cfg).to(self.device)
         spec = self.method.view_spec()
@@ -156,6 +98,12 @@ class Trainer:
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
             self.model = DDP(self.method, device_ids=ids)
         self.forward = torch.compile(self.model) if t.compile else self.model
+        d = cfg.data
+        self.view_maker = ViewMaker(spec, d.mean, d.std, d.in_chans).to(self.device)
+        self.train_step = TrainStep(self.method, self.optimizer, self.view_maker, self.device,
+                                    accum_steps=t.accum_steps, precision=t.precision, clip_grad=cfg.optim.clip_grad,
+                                    model=self.forward, ddp=self.model if self.dist.enabled else None,
+                                    all_processes=self._all_processes)
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -199,14 +147,12 @@ class Trainer:
         try:
             self.method.load_state_dict(ckpt["model"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-            first = lines[1] if len(lines) > 1 else lines[0]
-            raise CheckpointError(f"{path} does not fit this model configuration: {first[:300]}") from None
+            raise CheckpointError(f"{path} does not fit this model configuration: {load_error_detail(e)}") from None
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer: "
-                                  f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+                                  f"{first_line(e, 300)}") from None
         self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
         self.knn_history = list(ckpt.get("knn_history", []))
         pix = ckpt.get("pixel_knn")
@@ -272,8 +218,8 @@ class Trainer:
         def reduce_min(x: float) -> float:
             return float(self._all_processes(torch.tensor(x, device=self.device) > 0.5))
 
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-        check_batch_fits(self.method, make_batch, autocast, self.optimizer, self.device,
+        check_batch_fits(self.method, make_batch, lambda b: self.train_step.forward(b, self.method),
+                         self.optimizer, self.device,
                          batch_size=t.batch_size, accum_steps=t.accum_steps, world_size=self.dist.world_size,
                          data_batches=in_flight * (2 if self.device.type == "cuda" else 1),  # pinned copies
                          processes_per_host=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
@@ -296,8 +242,6 @@ class Trainer:
         if not resumed and mon.every_epochs > 0 and mon.at_start and self.step == 0:
             self.run_monitor()
         base_lr = peak_lr(cfg)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
         stop = False
         images_per_step = t.batch_size
         train_seconds = 0.0
@@ -308,7 +252,6 @@ class Trainer:
         bad_run = torch.zeros_like(bad_window)  # the current run of consecutive skipped steps
         bad_worst = torch.zeros_like(bad_window)  # the longest such run
         last_saved = self.step if resumed else None
-        running_stats = RunningStats(self.method)
         while self.epoch < t.epochs and not stop:
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
             self.train_set.set_epoch(self.epoch)
@@ -320,35 +263,15 @@ class Trainer:
             n_in_window, n_bad_in_window, t_window = 0, 0, time.perf_counter()
             while self.step_in_epoch < self.steps_per_epoch:
                 lr = cosine_schedule(self.step, self.total_steps, base_lr, cfg.optim.min_lr, self.warmup_steps)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                step_loss: torch.Tensor | None = None
-                step_extra: dict[str, torch.Tensor] = {}
-                running_stats.save()
                 try:
-                    for a in range(t.accum_steps):
-                        batch = to_device(next(it), self.device)
-                        last = a == t.accum_steps - 1
-                        sync = self.model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
-                        with sync:
-                            with autocast:
-                                out = self.forward(batch)
-                            (out["loss"] / t.accum_steps).backward()
-                        part = out["loss"].detach() / t.accum_steps
-                        step_loss = part if step_loss is None else step_loss + part
-                        for k, v in out.items():  # other scalars the method reports (e.g. loss_patch)
-                            if k != "loss" and torch.is_tensor(v) and v.ndim == 0:
-                                step_extra[k] = step_extra.get(k, 0.0) + v.detach().float() / t.accum_steps
-                    assert step_loss is not None
-                    grad_norm, ok = optimizer_update(self.optimizer, params, cfg.optim.clip_grad,
-                                                     finite=self._all_processes(torch.isfinite(step_loss)))
+                    res = self.train_step((next(it) for _ in range(t.accum_steps)), self.step, self.total_steps, lr)
                 except torch.OutOfMemoryError:
                     raise out_of_memory_error(self.device, t.batch_size, t.accum_steps, self.dist.world_size,
                                               step=self.step + 1) from None
-                running_stats.keep_if(ok)
+                ok, grad_norm, extra = res.ok, res.grad_norm, res.after_step
                 # a skipped step adds nothing to the means and is counted, all on the device (no sync)
-                loss_sum += torch.where(ok, step_loss, 0.0)
-                for k, v in step_extra.items():
+                loss_sum += torch.where(ok, res.loss, 0.0)
+                for k, v in res.extra.items():
                     extra_sums[k] = extra_sums.get(k, 0.0) + torch.where(ok, v, 0.0)
                 bad = (~ok).long()
                 bad_window += bad
@@ -356,7 +279,6 @@ class Trainer:
                 torch.maximum(bad_worst, bad_run, out=bad_worst)
                 self.step += 1
                 self.step_in_epoch += 1
-                extra = self.method.after_step(self.step, self.total_steps, ok)
                 n_in_window += 1
                 bar.update(1)
                 end_of_epoch = self.step_in_epoch == self.steps_per_epoch
@@ -427,7 +349,7 @@ class Trainer:
         }
         if self.dist.is_main:
             write_skip_list(skip_file, skipped)
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
         self.logger.close()
         barrier()
         return summary

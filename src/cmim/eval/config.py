@@ -65,6 +65,13 @@ class FinetuneConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     drop_path: float = 0.1
     pool: str = "avg"  # "avg": mean of patch tokens (BEiT/ConMIM/MAE) | "token": CLS
+    # "pretrained": every token through the pre-trained final norm, then pooled (the exported model as is) |
+    # "fc_norm": BEiT/ConMIM/MAE: final norm dropped, pooled tokens through a fresh LayerNorm before the head
+    head_norm: str = "pretrained"
+    # Beit encoders with a shared relative position bias: "shared": that one table, trained in the stem's
+    # layer-decay group | "per_block": BEiT/ConMIM --rel_pos_bias: one table per block, each a copy of the
+    # shared one, trained with its block's layer-decay scale (an encoder without a shared table: no change)
+    rel_pos_bias: str = "shared"
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_prob: float = 1.0
@@ -143,6 +150,10 @@ def validate_eval(cfg: DictConfig) -> None:
     _require(ft.epochs > 0, "finetune.epochs: must be positive")
     _require(ft.batch_size > 1, "finetune.batch_size: must be at least 2 (Mixup pairs samples)")
     _require(ft.pool in ("avg", "token"), f"finetune.pool: must be avg or token, got {ft.pool!r}")
+    _require(ft.head_norm in ("pretrained", "fc_norm"),
+             f"finetune.head_norm: must be pretrained or fc_norm, got {ft.head_norm!r}")
+    _require(ft.rel_pos_bias in ("shared", "per_block"),
+             f"finetune.rel_pos_bias: must be shared or per_block, got {ft.rel_pos_bias!r}")
     _require(0.0 < ft.layer_decay <= 1.0, f"finetune.layer_decay: must be in (0, 1], got {ft.layer_decay}")
     _require(0.0 <= ft.drop_path < 1.0, "finetune.drop_path: must be in [0, 1)")
     _require(0.0 <= ft.smoothing < 1.0, "finetune.smoothing: must be in [0, 1)")

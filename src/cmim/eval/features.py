@@ -23,9 +23,9 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from cmim.config import ConfigError
+from cmim.core.io import atomic_torch_save
 from cmim.data.datasets import build_base_dataset, skipped_files
 from cmim.data.views import build_eval_dataset
-from cmim.engine.checkpoint import atomic_torch_save
 from cmim.eval.knn import extract_features, first_n, pixel_features
 from cmim.eval.loading import EncoderSource
 

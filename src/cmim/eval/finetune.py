@@ -1,6 +1,8 @@
 """End-to-end fine-tuning with the BEiT/ConMIM and MAE recipes, built from timm's own parts.
 
-timm provides every ingredient: the model (the exported architecture plus a fresh head, drop path, pooling),
+timm provides every ingredient: the model (the exported architecture plus a fresh head, drop path, pooling,
+and optionally the reference's fresh ``fc_norm`` and per-block relative position tables, built by
+:mod:`cmim.eval.timm_model`),
 ``create_optimizer_v2(layer_decay=...)`` (AdamW over ``param_groups_layer_decay``, no decay on norms, biases
 and the tokens the model lists in ``no_weight_decay``), ``CosineLRScheduler`` (per-iteration warmup + cosine,
 honouring each group's ``lr_scale``), ``create_transform`` (RandomResizedCrop, flip, RandAugment, random
@@ -25,6 +27,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cmim.core.schedules import scaled_lr
 from cmim.data.augment import normalize
 from cmim.eval.features import (
     TransformDataset,
@@ -36,22 +39,38 @@ from cmim.eval.features import (
 )
 from cmim.eval.linear import accuracy
 from cmim.eval.loading import EncoderSource
+from cmim.eval.timm_model import build_timm_model
 
-__all__ = ["build_finetune_model", "finetune", "peak_lr", "posterize_any_bits", "train_transform"]
+__all__ = ["build_finetune_model", "build_optimizer", "finetune", "peak_lr", "posterize_any_bits",
+           "train_transform"]
 
 log = logging.getLogger("cmim")
 
 
 def peak_lr(ft: Any) -> float:
-    return float(ft.lr) if ft.lr is not None else float(ft.blr) * ft.batch_size / 256
+    return scaled_lr(ft.lr, ft.blr, ft.batch_size)
 
 
 def build_finetune_model(src: EncoderSource, ft: Any, num_classes: int) -> nn.Module:
-    """timm model with ``src``'s weights, a fresh ``num_classes`` head, the recipe's pooling and drop path."""
-    from cmim.export import build_timm_model
-
-    return build_timm_model(src, pretrained=True, num_classes=num_classes, global_pool=ft.pool,
+    """timm model with ``src``'s weights, a fresh ``num_classes`` head, the recipe's pooling and drop path, and
+    the recipe's head norm and relative position tables (``finetune.head_norm``, ``finetune.rel_pos_bias``; see
+    :mod:`cmim.eval.timm_model`)."""
+    return build_timm_model(src, pretrained=True, head_norm=str(ft.head_norm),
+                            rel_pos_bias=str(ft.rel_pos_bias), num_classes=num_classes, global_pool=ft.pool,
                             drop_path_rate=float(ft.drop_path))
+
+
+def build_optimizer(model: nn.Module, ft: Any) -> torch.optim.Optimizer:
+    """AdamW over timm's layer-decay groups, no weight decay on 1-d parameters and on what
+    ``model.no_weight_decay()`` lists (tokens, relative position tables).
+
+    timm's ``param_groups_layer_decay`` with the model's ``group_matcher``: for ``depth`` blocks, layer id 0 is
+    the stem (patch embed, cls token, pos embed, a shared relative position bias), i + 1 is block i (its own
+    relative position table included; the pre-trained final norm joins the last block), depth + 1 the head
+    and ``fc_norm``; ``lr_scale = layer_decay ** (depth + 1 - layer_id)``, as BEiT's ``LayerDecayValueAssigner``.
+    """
+    return create_optimizer_v2(model, opt="adamw", lr=peak_lr(ft), weight_decay=float(ft.weight_decay),
+                               layer_decay=float(ft.layer_decay), betas=tuple(ft.betas))
 
 
 def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -113,8 +132,7 @@ def finetune(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str,
     loader = DataLoader(train_ds, batch_size=bs, shuffle=True, drop_last=True, num_workers=nw,
                         persistent_workers=nw > 0, generator=torch.Generator().manual_seed(cfg.seed))
     lr = peak_lr(ft)
-    opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=float(ft.weight_decay),
-                              layer_decay=float(ft.layer_decay), betas=tuple(ft.betas))
+    opt = build_optimizer(model, ft)
     spe = len(loader)
     total = int(ft.steps) if ft.steps is not None else ft.epochs * spe
     epochs = math.ceil(total / spe)

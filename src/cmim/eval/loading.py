@@ -11,7 +11,6 @@ modules: every MaskedEncoder in a state dict is found by its ``<prefix>mask_toke
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cmim.config import ConfigError, from_yaml_string
-from cmim.engine.checkpoint import CheckpointError, load_checkpoint
+from cmim.core.errors import CheckpointError, first_line, load_error_detail
+from cmim.core.weights import load_checkpoint
 from cmim.models import MaskedEncoder, build_encoder
 
 __all__ = [
@@ -38,16 +38,6 @@ __all__ = [
 
 EXPORT_META_KEY = "cmim"  # safetensors metadata key holding the JSON description written by `cmim export`
 _MARK = "backbone.patch_embed.proj.weight"
-
-# Where each method keeps the encoder that ``method.encoder(which)`` returns, used when the method class does
-# not say so itself (class attribute ``encoder_prefixes``). MimCo's own "teacher" is the frozen contrastive
-# model it learns from, not a product of the run, so both names give its student (as ``MimCo.encoder`` does).
-DEFAULT_PREFIXES: dict[str, dict[str, str]] = {
-    "conmim": {"teacher": "teacher.", "student": "student."},
-    "mocov3": {"teacher": "teacher.", "student": "student."},
-    "mimco": {"teacher": "student.", "student": "student."},
-    "simmim": {"teacher": "student.", "student": "student."},
-}
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -98,19 +88,12 @@ def encoder_prefixes(state_dict: dict[str, Any]) -> list[str]:
     return sorted(p for p in found if f"{p}mask_token" in state_dict)
 
 
-def _class_prefixes(method: str | None) -> dict[str, str] | None:
-    if not method:
-        return None
-    try:
-        mod = importlib.import_module(f"cmim.methods.{method}")
-    except Exception:  # noqa: BLE001 - a missing/broken method module must not block evaluation
-        return None
-    for obj in vars(mod).values():
-        if isinstance(obj, type) and getattr(obj, "name", None) == method:
-            prefixes = getattr(obj, "encoder_prefixes", None)
-            if isinstance(prefixes, dict):
-                return dict(prefixes)
-    return None
+def _method_prefixes(method: str | None) -> dict[str, str] | None:
+    """Where the method keeps the encoder ``method.encoder(which)`` returns (its registry entry)."""
+    from cmim.methods import method_specs
+
+    spec = method_specs().get(method or "")
+    return dict(spec.encoder_prefixes) if spec is not None else None
 
 
 def encoder_prefix(state_dict: dict[str, Any], method: str | None, which: str) -> str:
@@ -119,7 +102,7 @@ def encoder_prefix(state_dict: dict[str, Any], method: str | None, which: str) -
     if not found:
         raise CheckpointError("no encoder found in the checkpoint's model state (no '*mask_token' + "
                               "'*backbone.patch_embed.proj.weight' keys)")
-    table = _class_prefixes(method) or DEFAULT_PREFIXES.get(method or "")
+    table = _method_prefixes(method)
     if table and table.get(which) in found:
         return table[which]
     for cand in (f"{which}.", "student."):
@@ -149,7 +132,7 @@ def _stored_config(ckpt: dict[str, Any], path: Path) -> DictConfig | None:
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - not YAML, or YAML that is not a config mapping
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise CheckpointError(f"{path}: its stored config is not a cmim config ({first})") from None
 
 
@@ -172,10 +155,8 @@ def _load_checkpoint_source(path: Path, which: str) -> EncoderSource:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - bad stored architecture or weights: the file is unusable
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
         raise CheckpointError(f"{path}: the {which} encoder ({prefix!r}) does not fit its stored "
-                              f"architecture: {detail}") from None
+                              f"architecture: {load_error_detail(e)}") from None
     data = _data_summary(cfg.data) if cfg is not None else {}
     return EncoderSource(enc.eval(), str(path), sha256_file(path), "checkpoint", which, method, data, cfg,
                          extra={"prefix": prefix, "step": ckpt.get("step"), "epoch": ckpt.get("epoch")})
@@ -211,7 +192,7 @@ def _load_export_source(path: Path) -> EncoderSource:
         enc = MaskedEncoder(meta["timm_name"], meta["timm_kwargs"])
         missing, unexpected = enc.backbone.load_state_dict(sd, strict=False)
     except Exception as e:  # noqa: BLE001 - torn file, unknown model or misshapen weights: unusable
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise CheckpointError(f"{path}: weights do not load into {meta['timm_name']} ({first})") from None
     if unexpected or [k for k in missing if not k.startswith("head")]:
         raise CheckpointError(f"{path}: weights do not fit {meta['timm_name']} "

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cmim.config import ConfigError, load_config
+from cmim.core.io import atomic_write_text
 from cmim.eval.baselines import pixel_source, recipe_source
 from cmim.eval.config import load_eval_config
 from cmim.eval.features import SKIPPED, cached_features, label_subset, num_classes_of, resolve_device
@@ -33,9 +34,9 @@ def _peek(recipe: str | os.PathLike | None, overrides: list[str] | None, key: st
     """A top-level value needed before the checkpoint is opened (the encoder to cut out)."""
     value = default
     if recipe is not None:
-        from cmim.config import _read_yaml
+        from cmim.config import read_recipe
 
-        value = str(_read_yaml(Path(recipe).resolve()).get(key, value))
+        value = str(read_recipe(Path(recipe).resolve()).get(key, value))
     for o in overrides or []:
         if o.startswith(f"{key}="):
             value = o.split("=", 1)[1]
@@ -153,10 +154,7 @@ def run_eval(protocol: str, src: EncoderSource, cfg: DictConfig, out: str | os.P
     }
     if write:
         path = Path(out or cfg.out or default_result_path(src, cfg, protocol))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
         result["path"] = str(path)
     return result
 

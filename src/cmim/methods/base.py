@@ -1,8 +1,12 @@
 """What every method shares: the contract with the engine, and EMA teachers for momentum methods.
 
 A method is an ``nn.Module`` with
-- ``view_spec()``: which crops, photometric profiles and masks its batches need (the data pipeline builds them);
-- ``forward(batch) -> dict`` with a scalar ``"loss"`` (other entries are logged);
+- ``view_spec()``: which crops, photometric profiles and masks its batches need. The data stage makes them:
+  the loader workers crop and draw every random parameter, the engine's on-device
+  :class:`~cmim.data.augment.ViewMaker` turns those into normalized views;
+- ``forward(views, mask) -> dict``: ``views`` the list of normalized (B, C, H, W) views in ``view_spec``
+  order, ``mask`` the bool (B, N) patch mask or None; returns a scalar ``"loss"`` (other entries are logged).
+  So a method can be called, and tested, with plain tensors;
 - ``after_step(step, total_steps, ok) -> dict``: called after every optimizer step (EMA updates live here);
   ``ok`` is a device bool, False when the step was skipped as non-finite: then nothing may change;
 - ``encoder(which)``: the :class:`~cmim.models.MaskedEncoder` used downstream ("teacher" or "student").
@@ -17,15 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cmim.data.augment import ViewMaker
-from cmim.data.views import ViewSpec
-from cmim.engine.schedules import cosine_schedule
-from cmim.masking import build_mask_generator
+from cmim.core.schedules import cosine_schedule
+from cmim.data.augment import ViewSpec
+from cmim.data.masking import build_mask_generator
 from cmim.models import MaskedEncoder, build_encoder
 
 
 class Method(nn.Module):
-    """Base class: holds the config, the student encoder and the on-device view maker."""
+    """Base class: holds the config and the student encoder."""
 
     name = "method"
     #: parameter-name fragments excluded from weight decay (besides every 1-D parameter)
@@ -36,7 +39,6 @@ class Method(nn.Module):
         self.cfg = cfg
         self.student = build_encoder(cfg.model, cfg.data.img_size, cfg.data.in_chans)
         self.grid_size = self.student.grid_size
-        self._view_maker: ViewMaker | None = None
 
     # --- data -------------------------------------------------------------------------------------------
     def view_spec(self) -> ViewSpec:  # pragma: no cover - abstract
@@ -47,16 +49,8 @@ class Method(nn.Module):
         return build_mask_generator(m.kind, self.grid_size, ratio=m.ratio, cell=m.cell,
                                     min_num_patches=m.min_num_patches, min_aspect=m.min_aspect)
 
-    def make_views(self, batch: dict[str, Tensor]) -> list[Tensor]:
-        """Decode the uint8 crops of a batch into the normalized, augmented views (on the batch's device)."""
-        if self._view_maker is None:
-            d = self.cfg.data
-            # built on first use (view_spec needs the subclass's heads), on the device the batch lives on
-            self._view_maker = ViewMaker(self.view_spec(), d.mean, d.std, d.in_chans).to(batch["crops"].device)
-        return self._view_maker(batch["crops"], batch["aug"])
-
     # --- training hooks ---------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:  # pragma: no cover - abstract
+    def forward(self, views: list[Tensor], mask: Tensor | None = None) -> dict[str, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
     def after_step(self, step: int, total_steps: int, ok: Tensor | None = None) -> dict[str, float]:

@@ -8,15 +8,29 @@ the teacher patch at the same position among all patches of that image.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from cmim.data.views import ViewSpec
+from cmim.core.errors import require
+from cmim.data.augment import PROFILES, ViewSpec
 from cmim.losses import patch_contrastive_loss
+from cmim.methods import MethodSpec
 from cmim.methods.base import MomentumMethod
 from cmim.models import MaskedEncoder, MLPHead
+
+
+@dataclass
+class ConMIMConfig:
+    temperature: float = 0.1
+    proj_hidden_dim: int = 4096
+    proj_out_dim: int = 256
+    momentum: float = 0.996  # EMA momentum, cosine to momentum_final per iteration; 0 = no EMA (ablation)
+    momentum_final: float = 1.0
+    teacher_view: str = "conmim_strong"  # photometric profile of the teacher view; "none" = both weak
+    student_view: str = "none"
 
 
 class ConMIM(MomentumMethod):
@@ -43,9 +57,9 @@ class ConMIM(MomentumMethod):
         """Projected patch features (B, N, D'): projector over all tokens (BatchNorm sees CLS too), CLS dropped."""
         return projector(encoder(images, mask))[:, 1:]
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        student_view, teacher_view = self.make_views(batch)
-        mask = batch["mask"]
+    def forward(self, views: list[Tensor], mask: Tensor | None = None) -> dict[str, Tensor]:
+        student_view, teacher_view = views
+        assert mask is not None, "ConMIM masks the student view"
         with torch.no_grad():
             target = self.patch_features(self.teacher, self.teacher_projector, teacher_view)
         pred = self.patch_features(self.student, self.student_projector, student_view, mask)
@@ -54,3 +68,15 @@ class ConMIM(MomentumMethod):
 
     def encoder(self, which: str = "teacher") -> MaskedEncoder:
         return self.teacher if which == "teacher" else self.student
+
+
+def validate(cfg: Any) -> None:
+    c = cfg.conmim
+    require(c.temperature > 0, "conmim.temperature: must be positive")
+    require(0.0 <= c.momentum <= 1.0 and 0.0 <= c.momentum_final <= 1.0, "conmim.momentum: must be in [0, 1]")
+    for key in ("teacher_view", "student_view"):
+        require(c[key] in PROFILES, f"conmim.{key}: must be one of {tuple(PROFILES)}")
+
+
+SPEC = MethodSpec(name="conmim", config=ConMIMConfig, build=ConMIM, validate=validate,
+                  encoder_prefixes={"teacher": "teacher.", "student": "student."}, has_projector=True)

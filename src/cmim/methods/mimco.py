@@ -24,17 +24,39 @@ trained model, and so the downstream encoder, is the student; ``encoder("teacher
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from cmim.data.views import ViewSpec
-from cmim.engine.distributed import concat_all_gather, get_rank
+from cmim.core.distributed import concat_all_gather, get_rank
+from cmim.core.errors import require
+from cmim.data.augment import PROFILES, ViewSpec
 from cmim.losses import info_nce, patch_contrastive_loss
+from cmim.methods import MethodSpec
 from cmim.methods.base import Method
 from cmim.models import MaskedEncoder, MLPHead
 from cmim.models.teachers import FrozenTeacher, TeacherError, check_fits, load_teacher
+
+
+@dataclass
+class MimCoConfig:
+    teacher: str | None = None  # path: cmim checkpoint, MoCo v3 release .pth.tar, or timm weights
+    teacher_format: str = "auto"  # auto | cmim | mocov3 | timm
+    teacher_timm_name: str | None = None  # for teacher_format=timm
+    teacher_timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    teacher_encoder: str = "teacher"  # for cmim checkpoints: teacher (EMA) | student
+    target: str = "projector"  # teacher features used as targets: "projector" outputs | "backbone" tokens
+    patch_target: str | None = None  # override of `target` for the patch loss only; None = same as target
+    patch_temperature: float = 0.1
+    image_temperature: float = 0.2
+    image_weight: float = 1.0  # lambda in L = L_patch + lambda * L_image
+    patch_negatives: str = "image"  # "image": other patches of the same image | "batch": all patches
+    proj_hidden_dim: int = 4096
+    head_layers: int = 3  # student patch / image heads: MLPHead(D, proj_hidden_dim, teacher width, head_layers)
+    teacher_view: str = "none"
 
 
 class MimCo(Method):
@@ -88,9 +110,9 @@ class MimCo(Method):
         tokens = self.student(images, mask)
         return self.patch_head(tokens[:, 1:]), self.image_head(tokens[:, 0])
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        student_view, teacher_view = self.make_views(batch)
-        mask = batch["mask"]
+    def forward(self, views: list[Tensor], mask: Tensor | None = None) -> dict[str, Tensor]:
+        student_view, teacher_view = views
+        assert mask is not None, "MimCo masks the student view"
         patch_target, image_target = self.teacher_targets(teacher_view)
         patch_pred, image_pred = self.student_predictions(student_view, mask)
         loss_patch = patch_contrastive_loss(patch_pred, patch_target, mask, self.patch_temperature,
@@ -106,3 +128,26 @@ class MimCo(Method):
         if which == "contrastive_teacher":
             return self.contrastive_teacher.encoder
         return self.student
+
+
+def validate(cfg: Any) -> None:
+    c = cfg.mimco
+    require(c.teacher_view in PROFILES, f"mimco.teacher_view: must be one of {tuple(PROFILES)}")
+    require(c.target in ("projector", "backbone"), "mimco.target: must be projector or backbone")
+    require(c.patch_target in (None, "projector", "backbone"),
+            "mimco.patch_target: must be projector, backbone or null")
+    require(c.head_layers >= 1, "mimco.head_layers: must be >= 1")
+    require(c.teacher_encoder in ("teacher", "student"), "mimco.teacher_encoder: must be teacher or student")
+    require(c.patch_negatives in ("image", "batch"), "mimco.patch_negatives: must be image or batch")
+    require(c.teacher_format in ("auto", "cmim", "mocov3", "timm"), "mimco.teacher_format: unknown format")
+    require(c.patch_temperature > 0 and c.image_temperature > 0, "mimco temperatures must be positive")
+    require(c.image_weight >= 0, "mimco.image_weight: must be >= 0")
+    if cfg.method == "mimco":
+        require(c.teacher is not None, "mimco.teacher: a teacher checkpoint is required for method=mimco")
+        require(Path(c.teacher).is_file(), f"mimco.teacher: file not found: {c.teacher}")
+
+
+# MimCo's own "teacher" is the frozen contrastive model it learns from, not a product of the run: downstream,
+# both names give the student (as MimCo.encoder does).
+SPEC = MethodSpec(name="mimco", config=MimCoConfig, build=MimCo, validate=validate,
+                  encoder_prefixes={"teacher": "student.", "student": "student."})

@@ -17,16 +17,31 @@ two converge as m -> 1).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from cmim.data.views import ViewSpec
-from cmim.engine.distributed import concat_all_gather, get_rank
+from cmim.core.distributed import concat_all_gather, get_rank
+from cmim.core.errors import require
+from cmim.data.augment import PROFILES, ViewSpec
 from cmim.losses import info_nce
+from cmim.methods import MethodSpec
 from cmim.methods.base import MomentumMethod
 from cmim.models import MaskedEncoder, MLPHead
+
+
+@dataclass
+class MoCoV3Config:
+    temperature: float = 0.2
+    proj_hidden_dim: int = 4096
+    proj_out_dim: int = 256
+    pred_hidden_dim: int = 4096
+    momentum: float = 0.99
+    momentum_final: float = 1.0
+    # photometric profiles of the two crops (reference: BYOL's asymmetric pair); other pairs for tiny images
+    views: list[str] = field(default_factory=lambda: ["byol1", "byol2"])
 
 
 class MoCoV3(MomentumMethod):
@@ -55,8 +70,8 @@ class MoCoV3(MomentumMethod):
         offset = get_rank() * q.shape[0]
         return info_nce(q, keys, self.temperature, label_offset=offset) * (2 * self.temperature)
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        x1, x2 = self.make_views(batch)
+    def forward(self, views: list[Tensor], mask: Tensor | None = None) -> dict[str, Tensor]:
+        x1, x2 = views  # MoCo v3 never masks
         b = x1.shape[0]
         both = torch.cat([x1, x2])
         # The ViT has no batch-coupled layer, so one pass serves both views; the heads (BatchNorm) run per
@@ -73,3 +88,17 @@ class MoCoV3(MomentumMethod):
 
     def encoder(self, which: str = "teacher") -> MaskedEncoder:
         return self.teacher if which == "teacher" else self.student
+
+
+def validate(cfg: Any) -> None:
+    c = cfg.mocov3
+    require(c.temperature > 0, "mocov3.temperature: must be positive")
+    require(0.0 <= c.momentum <= 1.0 and 0.0 <= c.momentum_final <= 1.0, "mocov3.momentum: must be in [0, 1]")
+    require(len(c.views) == 2 and all(v in PROFILES for v in c.views),
+            f"mocov3.views: need two profiles from {tuple(PROFILES)}")
+    require(c.proj_hidden_dim > 0 and c.proj_out_dim > 0 and c.pred_hidden_dim > 0,
+            "mocov3 head sizes must be positive")
+
+
+SPEC = MethodSpec(name="mocov3", config=MoCoV3Config, build=MoCoV3, validate=validate,
+                  encoder_prefixes={"teacher": "teacher.", "student": "student."}, has_projector=True)

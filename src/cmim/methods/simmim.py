@@ -6,13 +6,20 @@ L1 loss on masked patches only (Xie et al. 2022, with MAE's per-patch target nor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
-from cmim.data.views import ViewSpec
+from cmim.data.augment import ViewSpec
 from cmim.losses import masked_pixel_loss, normalize_patch_pixels, patchify
+from cmim.methods import MethodSpec
 from cmim.methods.base import Method
+
+
+@dataclass
+class SimMIMConfig:
+    norm_pix: bool = True
 
 
 class SimMIM(Method):
@@ -27,11 +34,14 @@ class SimMIM(Method):
     def view_spec(self) -> ViewSpec:
         return ViewSpec(num_crops=1, profiles=["none"], crop_of_view=[0], mask_generator=self.mask_generator())
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        (view,) = self.make_views(batch)
-        mask = batch["mask"]
+    def forward(self, views: list[Tensor], mask: Tensor | None = None) -> dict[str, Tensor]:
+        (view,) = views
+        assert mask is not None, "SimMIM masks its view"
         pred = self.decoder(self.student(view, mask)[:, 1:])
         target = patchify(view, self.student.patch_size)
         if self.norm_pix:
             target = normalize_patch_pixels(target)
         return {"loss": masked_pixel_loss(pred.float(), target.float(), mask)}
+
+
+SPEC = MethodSpec(name="simmim", config=SimMIMConfig, build=SimMIM)

@@ -14,6 +14,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor, nn
@@ -70,13 +71,20 @@ class MaskedEncoder(nn.Module):
     fused_attn_accel: bool = True
 
     def __init__(self, timm_name: str, timm_kwargs: dict[str, Any], drop_path: float = 0.0,
-                 sincos_pos_embed: bool = False, frozen_patch_embed: bool = False) -> None:
+                 sincos_pos_embed: bool = False, frozen_patch_embed: bool = False, init: str = "timm") -> None:
         super().__init__()
         self.timm_name = timm_name
         self.timm_kwargs = dict(timm_kwargs)
         self.backbone = timm.create_model(timm_name, pretrained=False, drop_path_rate=drop_path,
                                           **timm_kwargs)
         self.family = "beit" if hasattr(self.backbone, "rel_pos_bias") else "vit"
+        if init == "mocov3":
+            if self.family != "vit":
+                raise ValueError("model.init=mocov3 (MoCo v3's ViT initialization) is available for the vit "
+                                 "family only")
+            self._init_mocov3()
+        elif init != "timm":
+            raise ValueError(f"unknown init {init!r} (timm or mocov3)")
         self.embed_dim: int = self.backbone.embed_dim
         self.grid_size: tuple[int, int] = tuple(self.backbone.patch_embed.grid_size)
         self.patch_size: int = self.backbone.patch_embed.patch_size[0]
@@ -89,6 +97,45 @@ class MaskedEncoder(nn.Module):
             for p in self.backbone.patch_embed.parameters():
                 p.requires_grad_(False)
         self._select_attention()
+
+    def _init_mocov3(self) -> None:
+        """MoCo v3's ViT initialization (``VisionTransformerMoCo`` in the reference ``vits.py``).
+
+        Every Linear gets xavier-uniform weights and zero biases, except that the fused attention ``qkv``
+        projection is drawn as three stacked (D, D) matrices (bound sqrt(6 / (D + D)), not from the fused
+        (3D, D) shape); the CLS token is N(0, 1e-6); the patch projection is xavier-uniform as a Linear from
+        in_chans * p * p pixels to D, with a zero bias. LayerNorms and the position embedding are left as timm
+        made them (sin-cos, when asked for, is written afterwards).
+        """
+        bb = self.backbone
+        with torch.no_grad():
+            for name, m in bb.named_modules():
+                if not isinstance(m, nn.Linear):
+                    continue
+                if name.endswith("qkv"):
+                    bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+                    nn.init.uniform_(m.weight, -bound, bound)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            if getattr(bb, "cls_token", None) is not None:
+                nn.init.normal_(bb.cls_token, std=1e-6)
+            proj = bb.patch_embed.proj
+            fan_in = proj.weight.shape[1] * math.prod(proj.weight.shape[2:])  # in_chans * p * p
+            bound = math.sqrt(6.0 / (fan_in + proj.weight.shape[0]))
+            nn.init.uniform_(proj.weight, -bound, bound)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (timm's own flag, ``backbone.grad_checkpointing``,
+        so ``backbone.set_grad_checkpointing`` works the same). Only in training with autograd on."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    def _checkpointing(self) -> bool:
+        return bool(getattr(self.backbone, "grad_checkpointing", False)) and self.training \
+            and torch.is_grad_enabled() and not torch.jit.is_scripting()
 
     def _select_attention(self) -> None:
         """Set every timm attention's ``fused_attn`` flag for the device the parameters are on."""
@@ -128,7 +175,11 @@ class MaskedEncoder(nn.Module):
             x = bb._pos_embed(x)
             x = bb.patch_drop(x)
             x = bb.norm_pre(x)
-            x = bb.blocks(x)
+            if self._checkpointing():
+                for blk in bb.blocks:
+                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = bb.blocks(x)
             return bb.norm(x)
         x = torch.cat((bb.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         if bb.pos_embed is not None:
@@ -140,8 +191,12 @@ class MaskedEncoder(nn.Module):
             # What SDPA's autocast does to its attn_mask; on the explicit path it keeps the (B, H, N, N)
             # scores, softmax and their backward in bf16 instead of promoting them all to fp32.
             rel_pos_bias = rel_pos_bias.to(torch.get_autocast_dtype(dev))
+        ckpt = self._checkpointing()
         for blk in bb.blocks:
-            x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+            if ckpt:
+                x = torch.utils.checkpoint.checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, use_reentrant=False)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
         return bb.norm(x)
 
     @staticmethod
@@ -169,7 +224,8 @@ def is_pooled_feature(name: str) -> bool:
 def build_encoder(model_cfg: Any, img_size: int, in_chans: int) -> MaskedEncoder:
     if model_cfg.pos_embed == "sincos" and model_cfg.family != "vit":
         raise ValueError("model.pos_embed=sincos is available for the vit family only")
+    init = getattr(model_cfg, "init", "timm")  # configs stored before model.init existed: timm's init
     name, kwargs = timm_spec(model_cfg, img_size, in_chans)
     return MaskedEncoder(name, kwargs, drop_path=model_cfg.drop_path,
                          sincos_pos_embed=model_cfg.pos_embed == "sincos",
-                         frozen_patch_embed=model_cfg.frozen_patch_embed)
+                         frozen_patch_embed=model_cfg.frozen_patch_embed, init=init)

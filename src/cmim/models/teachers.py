@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cmim.engine.checkpoint import CheckpointError, check_state_dict, read_weights
+from cmim.core.errors import CheckpointError, TeacherError, first_line, load_error_detail
+from cmim.core.weights import check_state_dict, read_weights
 from cmim.models.encoder import MaskedEncoder
 from cmim.models.heads import MLPHead
 
@@ -35,10 +36,6 @@ __all__ = ["FORMATS", "FrozenTeacher", "TeacherError", "load_teacher", "mlp_head
 
 FORMATS = ("auto", "cmim", "mocov3", "timm")
 MOCOV3_PREFIXES = ("module.base_encoder.", "base_encoder.")
-
-
-class TeacherError(CheckpointError):
-    """A teacher file that cannot be read, or a teacher that does not fit the student (one line)."""
 
 
 class FrozenTeacher(nn.Module):
@@ -115,16 +112,14 @@ def _load_strict(module: nn.Module, sd: dict[str, Tensor], what: str) -> None:
     try:
         module.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise TeacherError(f"{what} weights do not fit the model: {detail[:300]}") from None
+        raise TeacherError(f"{what} weights do not fit the model: {load_error_detail(e)}") from None
 
 
 def _build(timm_name: str, kwargs: dict[str, Any]) -> MaskedEncoder:
     try:
         return MaskedEncoder(timm_name, kwargs)
     except Exception as e:  # noqa: BLE001 - unknown model name or bad kwargs
-        raise TeacherError(f"cannot build timm model {timm_name!r} with {kwargs}: {_first(e)}") from None
+        raise TeacherError(f"cannot build timm model {timm_name!r} with {kwargs}: {first_line(e)}") from None
 
 
 def _strip(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -142,16 +137,11 @@ def _read(path: Path) -> Any:
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any failure means an unusable file
-            raise TeacherError(f"cannot read teacher {path}: {type(e).__name__}: {_first(e)}") from None
+            raise TeacherError(f"cannot read teacher {path}: {type(e).__name__}: {first_line(e)}") from None
     try:
         return read_weights(path, what="teacher")
     except CheckpointError as e:
         raise TeacherError(str(e)) from None
-
-
-def _first(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:200] if lines else ""
 
 
 def _is_cmim(obj: Any) -> bool:
@@ -215,7 +205,7 @@ def _mocov3_vit_kwargs(sd: dict[str, Tensor], overrides: dict[str, Any]) -> dict
         mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
     except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
         raise TeacherError(f"MoCo v3 weights: not a ViT of the expected layout ({type(e).__name__}: "
-                           f"{_first(e) or 'bad shapes'})") from None
+                           f"{first_line(e)})") from None
     kwargs: dict[str, Any] = dict(
         img_size=grid * patch, patch_size=patch, in_chans=in_chans, num_classes=0, embed_dim=dim, depth=depth,
         num_heads=12, mlp_ratio=mlp_ratio,

@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from cmim.core.io import atomic_path  # noqa: E402
+
 __all__ = ["display_image", "new_figure", "save_figure"]
 
 
@@ -29,13 +31,11 @@ def new_figure(rows: int, cols: int, size: tuple[float, float],
 def save_figure(fig: Any, out: str | os.PathLike, dpi: int = 110, tight: bool = True) -> Path:
     """Write ``fig`` as PNG (through a temporary name, so a reader never sees half a file) and close it."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
     if tight:
         fig.tight_layout()
-    fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["cosine_schedule"]
+__all__ = ["cosine_schedule", "scaled_lr"]
 
 
 def cosine_schedule(
@@ -35,3 +35,8 @@ def cosine_schedule(
         return warmup_start + (base_value - warmup_start) * step / warmup_steps
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return final_value + 0.5 * (base_value - final_value) * (1.0 + math.cos(math.pi * progress))
+
+
+def scaled_lr(lr: float | None, blr: float, batch_size: int) -> float:
+    """The peak learning rate: ``lr`` when given, else the linear scaling rule ``blr * batch_size / 256``."""
+    return float(lr) if lr is not None else float(blr) * batch_size / 256

@@ -1,0 +1,108 @@
+"""The one reader of weight files: ``torch.load(weights_only=True)`` with every failure turned into one
+:class:`~cmim.core.errors.CheckpointError` line, and the structural checks of a cmim checkpoint.
+
+A pickle can run any code while it is unpickled, so a file that asks for any Python global beyond tensors
+and plain values is refused (:class:`~cmim.core.errors.UnsafeCheckpointError`), never retried with full
+unpickling.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmim.core.errors import CheckpointError, UnsafeCheckpointError, first_line
+
+__all__ = ["LEGACY_HINT", "check_state_dict", "is_int", "load_checkpoint", "read_weights"]
+
+_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+# what torch's weights-only unpickler says when a file asks for more than tensors and plain values
+_UNSAFE_MARKS = ("GLOBAL ", "call reduce for unrecognized function", "Can only create new object",
+                 "Can only build ")
+LEGACY_HINT = ("a cmim checkpoint written before weights-only loading must be re-created, or converted by "
+               "someone who trusts the file")
+
+
+def _unpickler_reason(message: str) -> str:
+    """The weights-only unpickler's own complaint inside torch's long message (e.g. 'Unsupported operand 18')."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error:" in ln:
+            rest = ln.split("WeightsUnpickler error:", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else "unreadable pickle")
+    useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
+    return useful[0] if useful else "unreadable pickle"
+
+
+def read_weights(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; every failure is one :class:`CheckpointError` line.
+
+    A file that references any other Python global raises :class:`UnsafeCheckpointError` naming the global.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        with warnings.catch_warnings():  # a non-torch pickle must fail with one line, not a warning first
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if any(m in msg for m in _UNSAFE_MARKS):
+            found = _GLOBAL.search(msg)
+            ref = f" (it references {found.group(1)})" if found else ""
+            raise UnsafeCheckpointError(f"{path}: refused: the file needs full unpickling{ref}, which can run "
+                                        f"code; cmim loads weights only ({LEGACY_HINT})") from None
+        raise CheckpointError(f"cannot read {what} {path}: not a PyTorch weights file "
+                              f"({_unpickler_reason(msg)[:200]})") from None
+    except EOFError:
+        raise CheckpointError(f"cannot read {what} {path}: empty or truncated file") from None
+    except Exception as e:  # noqa: BLE001 - any other failure (torn zip, bad magic number, I/O) is unusable
+        reason = first_line(e).split(". ")[0]
+        if "zip archive" in reason or "central directory" in reason:
+            reason = f"truncated or corrupted ({reason})"
+        raise CheckpointError(f"cannot read {what} {path}: {reason}") from None
+
+
+def _not_cmim(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a cmim checkpoint ({why})")
+
+
+def check_state_dict(sd: Any, path: Path, key: str = "model") -> None:
+    """``sd`` must be a non-empty mapping of str -> Tensor (what ``load_state_dict`` and prefix lookups take)."""
+    if not isinstance(sd, dict) or not sd:
+        raise _not_cmim(path, f"'{key}' is not a state dict of tensors")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not torch.is_tensor(v):
+            raise _not_cmim(path, f"'{key}' holds {type(v).__name__} at {str(k)[:60]!r}, not a tensor")
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A cmim checkpoint, read weights-only and checked for the entries eval, export and resume rely on."""
+    path = Path(path)
+    ckpt = read_weights(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise _not_cmim(path, "no 'model' entry")
+    check_state_dict(ckpt["model"], path)
+    for key, ok, want in (("config", lambda v: isinstance(v, str), "a YAML string"),
+                          ("method", lambda v: isinstance(v, str), "a string"),
+                          ("encoder", lambda v: isinstance(v, dict), "a dict"),
+                          ("step", is_int, "an int"), ("epoch", is_int, "an int")):
+        if key in ckpt and ckpt[key] is not None and not ok(ckpt[key]):
+            raise _not_cmim(path, f"'{key}' is {type(ckpt[key]).__name__}, not {want}")
+    meta = ckpt.get("encoder")
+    if meta and (not isinstance(meta.get("timm_name"), str) or not isinstance(meta.get("timm_kwargs", {}), dict)):
+        raise _not_cmim(path, "'encoder' needs a 'timm_name' string and a 'timm_kwargs' dict")
+    return ckpt
+
+
