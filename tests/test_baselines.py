@@ -49,9 +49,9 @@ def _result(capsys) -> dict:
 
 def test_raw_pixel_knn_equals_knn_on_flattened_normalized_images(tmp_path, capsys):
     from cmim.config import load_config
+    from cmim.core.knn import knn_accuracy
     from cmim.data.augment import normalize
     from cmim.data.views import build_eval_dataset
-    from cmim.eval.knn import knn_accuracy
 
     out = tmp_path / "pix.json"
     assert main(["eval", "knn", "--raw-pixels", *DATA, f"cache_dir={tmp_path}", "--out", str(out)]) == 0

@@ -15,7 +15,7 @@ import torch
 
 from cmim.config import load_config
 from cmim.engine.sampler import GlobalBatchSampler
-from cmim.engine.trainer import pretrain
+from cmim.train import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))

@@ -14,12 +14,12 @@ from omegaconf import OmegaConf
 from cmim.cli import main
 from cmim.config import load_config
 from cmim.core.errors import CheckpointError
-from cmim.engine.trainer import pretrain
+from cmim.core.knn import knn_accuracy
 from cmim.eval.config import LinearConfig
-from cmim.eval.knn import knn_accuracy
 from cmim.eval.linear import linear_on_features
 from cmim.eval.loading import encoder_prefix, encoder_prefixes, load_source
 from cmim.eval.run import open_source, run_eval, summary_line
+from cmim.train import pretrain
 
 # Small synthetic eval data: 128 train / 128 test images of 4 classes at 16 px.
 EVAL = ["data.synthetic_size=128", "data.num_workers=0", "precision=fp32", "batch_size=64"]

@@ -15,11 +15,11 @@ from conftest import tiny_overrides
 import cmim
 from cmim.cli import main
 from cmim.config import load_config
-from cmim.engine.trainer import pretrain
 from cmim.eval.loading import load_source
 from cmim.eval.run import open_source, run_eval
 from cmim.export import export_encoder
 from cmim.models import MaskedEncoder
+from cmim.train import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

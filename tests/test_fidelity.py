@@ -158,3 +158,35 @@ def test_checkpointing_off_is_bit_identical(family):
     assert torch.equal(enc(x), ref)
     enc.set_grad_checkpointing(True)
     assert torch.equal(enc(x), ref)  # eval: checkpointing does not apply
+
+
+# --- per-process model randomness (#13 item 4) ----------------------------------------------------------
+def _one_step_loss(rank: int) -> float:
+    from conftest import TINY
+
+    from cmim.bench import synthetic_batches
+    from cmim.config import load_config
+    from cmim.data.augment import ViewMaker
+    from cmim.engine.step import TrainStep
+    from cmim.engine.trainer import build_optimizer
+    from cmim.methods import build_method
+
+    cfg = load_config(None, [*TINY, "method=conmim", "model.drop_path=0.5"])
+    torch.manual_seed(0)
+    method = build_method(cfg).train()
+    cpu = torch.device("cpu")
+    d = cfg.data
+    step = TrainStep(method, build_optimizer(method, cfg, cpu), ViewMaker(method.view_spec(), d.mean, d.std, 3),
+                     cpu, precision="fp32", seed=0, rank=rank)
+    return float(step(synthetic_batches(cfg, method, 4, 1), 3, 10, 1e-3).loss)
+
+
+def test_drop_path_masks_differ_between_processes_and_replay_exactly():
+    from cmim.engine.step import model_seed
+
+    assert model_seed(0, 0, 5) == model_seed(0, 0, 5)
+    assert len({model_seed(0, r, s) for r in range(2) for s in range(3)}) == 6
+    # same weights and data: only the stochastic-depth masks differ between ranks, and a replay (a resume)
+    # of the same (seed, rank, step) draws the same ones
+    assert _one_step_loss(0) == _one_step_loss(0)
+    assert _one_step_loss(0) != _one_step_loss(1)

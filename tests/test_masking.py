@@ -27,8 +27,8 @@ def _is_rectangle(mask: np.ndarray) -> bool:
 
 @pytest.mark.parametrize(
     ("grid", "ratio", "cell", "expected"),
-    # 49 cells * 0.5 = 24.5 rounds half-to-even to 24 cells
-    [((14, 14), 0.75, 1, 147), ((14, 14), 0.5, 2, 4 * 24), ((6, 8), 0.25, 2, 12)],
+    # the reference's count, ceil(cells * ratio): 49 cells * 0.5 = 24.5 -> 25 cells of 4 patches
+    [((14, 14), 0.75, 1, 147), ((14, 14), 0.5, 2, 4 * 25), ((6, 8), 0.25, 2, 12)],
 )
 def test_random_grid_exact_count_shape_dtype(grid, ratio, cell, expected):
     gen = RandomGridMaskGenerator(grid, ratio=ratio, cell=cell)
@@ -49,7 +49,7 @@ def test_random_grid_cells_are_uniform():
         all_true = cells.all(axis=(1, 3))
         any_true = cells.any(axis=(1, 3))
         assert np.array_equal(all_true, any_true)  # every cell is all-True or all-False
-        assert int(all_true.sum()) == round(0.4 * 16)  # 6 cells
+        assert int(all_true.sum()) == 7  # ceil(16 * 0.4) = ceil(6.4) cells
 
 
 def test_random_grid_is_not_constant_and_covers_all_cells():
@@ -192,7 +192,7 @@ def test_build_mask_generator():
     assert block.min_num_patches == 8 and block.min_aspect == 0.5 and block.max_aspect == 2.0
     rnd = build_mask_generator("random", (14, 14), ratio=0.6, cell=2)
     assert isinstance(rnd, RandomGridMaskGenerator)
-    assert int(rnd(np.random.default_rng(0)).sum()) == 4 * round(0.6 * 49)  # 29 cells of 4 patches
+    assert int(rnd(np.random.default_rng(0)).sum()) == 4 * 30  # the reference's ceil(49 * 0.6) = 30 cells of 4
     with pytest.raises(ValueError, match="unknown mask kind"):
         build_mask_generator("checkerboard", (14, 14), ratio=0.5)
     with pytest.raises(ValueError):

@@ -18,9 +18,9 @@ from conftest import tiny_overrides
 from cmim.cli import main
 from cmim.config import load_config
 from cmim.engine.checkpoint import rng_state, set_rng_state
-from cmim.engine.trainer import pretrain
 from cmim.models import MLPHead
 from cmim.models.teachers import load_teacher
+from cmim.train import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 CONMIM = str(REPO / "configs" / "conmim_fmnist_cpu.yaml")

@@ -11,8 +11,8 @@ from conftest import tiny_overrides
 
 from cmim.cli import main
 from cmim.config import load_config
-from cmim.engine.trainer import pretrain
 from cmim.eval.loading import load_source
+from cmim.train import pretrain
 from cmim.viz.maps import cls_attention, patch_similarity
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

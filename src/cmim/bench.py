@@ -46,7 +46,7 @@ Reproduce the BENCHMARKS.md tables (2-core CPU, quiet machine; on a shared machi
   cmim bench configs/conmim_fmnist_cpu.yaml train.compile=true --steps 10 --rounds 3
   cmim bench configs/mocov3_fmnist_cpu.yaml --steps 10 --rounds 3 --data-items 2048
   cmim bench configs/mimco_fmnist_cpu.yaml --teacher-recipe configs/mocov3_fmnist_cpu.yaml --steps 10 --rounds 3
-Profiles: add --threads 1 --profile 1. GPU (one H100; no GPU numbers are in BENCHMARKS.md yet):
+Profiles: add --threads 1 --profile 1. GPU (one H100/H200; see benchmarks/gpu_check.sh):
   cmim bench configs/conmim_vit_base_in1k.yaml train.batch_size=128 --steps 20 --rounds 3
   cmim bench configs/conmim_vit_small_in1k.yaml train.batch_size=256 --steps 20 --rounds 3
 Recipes whose data.root is not given run on procedural images (data pipeline: generated JPEG files); MimCo

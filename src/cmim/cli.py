@@ -36,36 +36,12 @@ register("pipeline", "cmim.pipeline")
 
 def _pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from cmim.engine.trainer import pretrain
+    from cmim.train import pretrain, print_pretrain_summary
 
     summary = pretrain(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print_pretrain_summary(summary)
     return 0
-
-
-def print_pretrain_summary(summary: dict) -> None:
-    """The run in one or two lines; unreadable images skipped are named on the last one, where users look."""
-    knn = summary.get("knn") or []
-    pixels = summary.get("knn_raw_pixels")
-    speed = summary.get("img_per_s")
-    lines = [f"cmim: {summary['method']} finished {summary['steps']}/{summary['total_steps']} steps"
-             + (f", {speed:.1f} img/s" if speed else "") + f"; checkpoint: {summary['checkpoint']}"]
-    if knn:
-        first, last = knn[0], knn[-1]
-        base = f"raw pixels {pixels['knn_top1']:.2f}% | " if pixels else ""
-        if first["step"] == 0 and len(knn) > 1:
-            lines.append(f"k-NN top-1 (k={first.get('k', 20)}, same images): {base}random init "
-                         f"{first['knn_top1']:.2f}% -> pre-trained {last['knn_top1']:.2f}% ({last['encoder']}, "
-                         f"{last['feature']} features, epoch {last['epoch']})")
-        else:
-            lines.append(f"k-NN top-1: {base}{last['encoder']} {last['feature']} features {last['knn_top1']:.2f}% "
-                         f"at epoch {last['epoch']}")
-    n_skipped = int(summary.get("skipped_images") or 0)
-    if n_skipped:
-        lines[-1] += (f"; {n_skipped} unreadable image{'s' if n_skipped != 1 else ''} skipped "
-                      f"(listed in {summary.get('skipped_list')})")
-    print("\n".join(lines))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

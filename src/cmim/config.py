@@ -112,7 +112,9 @@ class TrainConfig:
     # stops with an error naming the last good checkpoint (checked on logging and checkpoint steps).
     max_nonfinite_steps: int = 20
     check_memory: bool = True  # estimate a step's memory first; refuse a batch that cannot fit (cmim.engine.memory)
-    sync_bn: bool = True  # SyncBatchNorm in heads for multi-process runs
+    # BatchNorm statistics of the heads over all processes (true) or per process (false); null: the method's
+    # reference (MethodSpec.sync_bn): per process for ConMIM, over all processes for MoCo v3 and MimCo
+    sync_bn: bool | None = None
     compile: bool = False  # torch.compile the method's forward
     progress: bool = True
     tensorboard: bool = True

@@ -19,7 +19,6 @@ __all__ = [
     "normalize_patch_pixels",
     "patch_contrastive_loss",
     "patchify",
-    "unpatchify",
 ]
 
 
@@ -128,30 +127,6 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     x = images.reshape(b, c, gh, p, gw, p)
     x = x.permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, p, p, C)
     return x.reshape(b, gh * gw, p * p * c)
-
-
-def unpatchify(patches: Tensor, patch_size: int, grid: tuple[int, int] | None = None) -> Tensor:
-    """Inverse of :func:`patchify`: ``(B, N, p * p * C)`` back to ``(B, C, H, W)``.
-
-    ``grid = (gh, gw)`` defaults to a square grid, which must then exist.
-    """
-    if patches.ndim != 3:
-        raise ValueError(f"patches must be (B, N, P), got shape {tuple(patches.shape)}")
-    b, n, dim = patches.shape
-    p = patch_size
-    if p < 1 or dim % (p * p):
-        raise ValueError(f"patch dimension {dim} is not a multiple of patch_size**2 = {p * p}")
-    c = dim // (p * p)
-    if grid is None:
-        side = int(round(n**0.5))
-        if side * side != n:
-            raise ValueError(f"{n} patches do not form a square grid; pass grid=(gh, gw)")
-        grid = (side, side)
-    gh, gw = grid
-    if gh * gw != n:
-        raise ValueError(f"grid {gh}x{gw} does not hold {n} patches")
-    x = patches.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, p, gw, p)
-    return x.reshape(b, c, gh * p, gw * p)
 
 
 def normalize_patch_pixels(patches: Tensor, eps: float = 1e-6) -> Tensor:

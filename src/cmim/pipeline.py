@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from cmim.config import ConfigError, load_config
 from cmim.core.distributed import cleanup, resolve_device
 from cmim.core.io import atomic_write_text
+from cmim.core.knn import knn_accuracy
 from cmim.data.augment import normalize
 from cmim.data.views import build_eval_dataset
-from cmim.eval.knn import first_n, knn_accuracy
+from cmim.eval.knn import first_n
 from cmim.methods import method_specs
 from cmim.models import MaskedEncoder, build_encoder
 
@@ -162,8 +163,9 @@ def _fmt_time(s: float) -> str:
 
 # --- the command --------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    from cmim.cli import print_pretrain_summary
     from cmim.engine.trainer import Trainer  # heavy import, only when the command runs
+    from cmim.eval.monitor import KnnMonitor
+    from cmim.train import print_pretrain_summary
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("cmim pipeline runs in one process; for multi-process training run each stage with "
@@ -190,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"cmim pipeline: [1/3] stage 1, {cfg1.method} teacher -> {out / 'teacher'}", flush=True)
     t = time.perf_counter()
-    summary1 = Trainer(cfg1).train()
+    summary1 = Trainer(cfg1, callbacks=[KnnMonitor(cfg1)]).train()
     cleanup()
     print_pretrain_summary(summary1)
     times[f"stage 1 ({cfg1.method}, {cfg1.train.epochs} ep)"] = time.perf_counter() - t
@@ -198,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"cmim pipeline: [2/3] stage 2, mimco student -> {out / 'student'}", flush=True)
     cfg2.mimco.teacher = str(teacher_ckpt)
     t = time.perf_counter()
-    trainer2 = Trainer(cfg2)
+    trainer2 = Trainer(cfg2, callbacks=[KnnMonitor(cfg2)])
     summary2 = trainer2.train()
     cleanup()
     print_pretrain_summary(summary2)

@@ -61,13 +61,13 @@ def draw_pictures(run_dir: Path, refresh: bool = False, overrides: list[str] | N
         return notes
     try:
         from cmim.eval.features import eval_dataset
-        from cmim.viz.cli import _class_names, load_sources
+        from cmim.viz.cli import class_names, load_sources
         from cmim.viz.maps import pick_images, plot_attention, plot_patch_similarity
         from cmim.viz.tsne import plot_tsne
 
         ov = ["test_subset=1000", "train_subset=5000", *(overrides or [])]
         sources, cfg = load_sources([str(ckpt)], None, ov, random_init=True)
-        names = _class_names(cfg)
+        names = class_names(cfg)
         if "tsne" in wanted:
             plot_tsne(sources, cfg, viz / "tsne.png", n_points=1000, class_names=names)
         if "patches" in wanted or "attention" in wanted:

@@ -56,10 +56,6 @@ def get_rank() -> int:
     return dist.get_rank() if is_dist() else 0
 
 
-def get_world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
-
-
 def barrier() -> None:
     if is_dist():
         dist.barrier()

@@ -50,10 +50,7 @@ __all__ = [
     "PhotometricProfile",
     "ViewMaker",
     "apply_photometric",
-    "batched_adjust_brightness",
-    "batched_adjust_contrast",
     "batched_adjust_hue",
-    "batched_adjust_saturation",
     "batched_gaussian_blur",
     "batched_solarize",
     "normalize",
@@ -199,24 +196,6 @@ def rgb_to_grayscale(x: Tensor) -> Tensor:
 def _blend(x: Tensor, ref: Tensor, factor: Tensor) -> Tensor:
     f = _bcast(factor)
     return (x * f + ref * (1.0 - f)).clamp_(0.0, 1.0)
-
-
-def batched_adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    """Per-sample ``adjust_brightness``."""
-    return (x * _bcast(factor)).clamp_(0.0, 1.0)
-
-
-def batched_adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    """Per-sample ``adjust_contrast``: blend with the mean of the grayscale image."""
-    mean = rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
-    return _blend(x, mean, factor)
-
-
-def batched_adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    """Per-sample ``adjust_saturation``: blend with the grayscale image (no-op on 1 channel)."""
-    if x.shape[-3] == 1:
-        return x
-    return _blend(x, rgb_to_grayscale(x), factor)
 
 
 def batched_adjust_hue(x: Tensor, shift: Tensor) -> Tensor:

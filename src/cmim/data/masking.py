@@ -114,8 +114,9 @@ class BlockMaskGenerator:
 class RandomGridMaskGenerator:
     """Uniform random masking of ``cell x cell`` groups of patches (SimMIM-style coarse masking).
 
-    Exactly ``round(ratio * num_cells)`` cells (Python rounding) are masked, chosen without replacement,
-    so the masked-patch count is constant across samples, which keeps per-batch loss normalization stable.
+    Exactly ``ceil(num_cells * ratio)`` cells are masked (the count of the reference's SimMIM-style mask
+    generator, e.g. 30 of 49 cells at 0.6), chosen without replacement, so the masked-patch count is constant
+    across samples, which keeps per-batch loss normalization stable.
     """
 
     def __init__(self, grid: tuple[int, int], ratio: float, cell: int = 1) -> None:
@@ -131,7 +132,7 @@ class RandomGridMaskGenerator:
         self.cell = int(cell)
         self.cell_grid = (gh // cell, gw // cell)
         self.num_cells = self.cell_grid[0] * self.cell_grid[1]
-        self.num_masked_cells = int(round(self.ratio * self.num_cells))
+        self.num_masked_cells = int(math.ceil(self.num_cells * self.ratio))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(grid={self.grid}, ratio={self.ratio}, cell={self.cell})"

@@ -99,8 +99,6 @@ def check_resumable(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
     if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) \
             or not isinstance(opt.get("param_groups"), list):
         raise CheckpointError(f"{path} cannot be resumed: 'optimizer' is not an optimizer state dict")
-    if not isinstance(ckpt.get("knn_history", []), list):
-        raise CheckpointError(f"{path} cannot be resumed: 'knn_history' is not a list")
     try:
         parse_rng_state(ckpt["rng"])
     except CheckpointError as e:

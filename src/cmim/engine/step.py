@@ -6,6 +6,11 @@ under autocast and back-propagates (under DDP's ``no_sync`` for all but the last
 steps AdamW unless the step is non-finite (decided on the device, no host sync), puts BatchNorm statistics
 back when it was, and calls the method's ``after_step`` (EMA teachers). Bookkeeping (logging, checkpoints,
 counting skipped steps) is the caller's.
+
+Model-side randomness (drop path, dropout) draws from torch's global generator, which every step re-seeds
+from (seed, rank, step) (:func:`model_seed`): each process draws its own stochastic-depth masks, as the
+reference's per-process seeds give, and a resumed run draws exactly what the uninterrupted one did. Data
+randomness is separate: a function of (seed, epoch, sample index), drawn in the loader.
 """
 
 from __future__ import annotations
@@ -15,12 +20,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from cmim.data.augment import ViewMaker
 
-__all__ = ["RunningStats", "StepResult", "TrainStep", "optimizer_update", "to_device"]
+__all__ = ["RunningStats", "StepResult", "TrainStep", "model_seed", "optimizer_update", "to_device"]
+
+
+def model_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of optimizer step ``step`` on process ``rank`` (a 63-bit hash of the three)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] & (2**63 - 1))
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -98,8 +109,8 @@ class TrainStep:
     def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer, view_maker: ViewMaker,
                  device: torch.device, *, accum_steps: int = 1, precision: str = "bf16",
                  clip_grad: float | None = None, model: Callable[..., dict[str, Tensor]] | None = None,
-                 ddp: nn.Module | None = None,
-                 all_processes: Callable[[Tensor], Tensor] | None = None) -> None:
+                 ddp: nn.Module | None = None, all_processes: Callable[[Tensor], Tensor] | None = None,
+                 seed: int = 0, rank: int = 0) -> None:
         self.method = method
         self.optimizer = optimizer
         self.view_maker = view_maker
@@ -112,6 +123,7 @@ class TrainStep:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.running_stats = RunningStats(method)
+        self.seed, self.rank = int(seed), int(rank)
 
     def inputs(self, batch: dict[str, Any]) -> tuple[list[Tensor], Tensor | None]:
         """A loaded (device) batch -> the method's inputs: the finished views and the patch mask."""
@@ -131,6 +143,7 @@ class TrainStep:
         compiled)."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        torch.manual_seed(model_seed(self.seed, self.rank, step))
         step_loss: Tensor | None = None
         extra: dict[str, Tensor] = {}
         self.running_stats.save()

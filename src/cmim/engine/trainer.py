@@ -2,8 +2,9 @@
 
 It builds the method named in the config, the data pipeline the method asks for (``method.view_spec()``),
 AdamW with per-iteration cosine schedule, bf16 autocast, gradient accumulation and clipping, DDP under
-torchrun, logging, an online k-NN monitor and atomic, exactly-resumable checkpoints. Nothing in it knows
-about a particular method: the method returns ``{"loss": ...}`` and updates its teachers in ``after_step``.
+torchrun, logging, callbacks (the online k-NN monitor is one) and atomic, exactly-resumable checkpoints.
+Nothing in it knows about a particular method: the method returns ``{"loss": ...}`` and updates its teachers
+in ``after_step``; nor about evaluation, which callbacks bring.
 
 Robust steps: a step whose loss or gradient norm is NaN/inf is skipped on the device (fused AdamW's
 ``found_inf``, a 0-weight EMA lerp, BatchNorm statistics put back; see :func:`optimizer_update`), counted
@@ -40,14 +41,14 @@ from cmim.core.schedules import cosine_schedule, scaled_lr
 from cmim.core.weights import load_checkpoint
 from cmim.data.augment import ViewMaker
 from cmim.data.datasets import all_reduce_skips, read_skip_list, skip_report, write_skip_list
-from cmim.data.views import build_eval_dataset, build_pretrain_dataset
+from cmim.data.views import build_pretrain_dataset
+from cmim.engine.callbacks import Callback
 from cmim.engine.checkpoint import check_resumable, rng_state, set_rng_state
 from cmim.engine.logger import MetricsLogger
 from cmim.engine.memory import check_batch_fits, out_of_memory_error
 from cmim.engine.sampler import GlobalBatchSampler
 from cmim.engine.step import TrainStep
-from cmim.eval.knn import online_knn, pixel_knn
-from cmim.methods import Method, build_method
+from cmim.methods import Method, build_method, method_spec
 from cmim.models.sync_bn import convert_global_batchnorm
 
 log = logging.getLogger("cmim")
@@ -72,8 +73,12 @@ def encoder_meta(method: Method) -> dict[str, Any]:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, dist_info: DistInfo | None = None) -> None:
+    """A pre-training run of ``cfg``; ``callbacks`` (e.g. :class:`cmim.eval.monitor.KnnMonitor`) hook into it."""
+
+    def __init__(self, cfg: DictConfig, dist_info: DistInfo | None = None,
+                 callbacks: list[Callback] | None = None) -> None:
         self.cfg = cfg
+        self.callbacks = list(callbacks or [])
         self.dist = dist_info or init_distributed(cfg.train.device)
         self.device = self.dist.device
         t = cfg.train
@@ -90,7 +95,8 @@ class Trainer:
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = t.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        if self.dist.enabled and t.sync_bn:
+        sync_bn = t.sync_bn if t.sync_bn is not None else method_spec(cfg.method).sync_bn
+        if self.dist.enabled and sync_bn:
             self.method = convert_global_batchnorm(self.method, self.device.type)
         self.optimizer = build_optimizer(self.method, cfg, self.device)
         self.model: torch.nn.Module = self.method
@@ -103,15 +109,12 @@ class Trainer:
         self.train_step = TrainStep(self.method, self.optimizer, self.view_maker, self.device,
                                     accum_steps=t.accum_steps, precision=t.precision, clip_grad=cfg.optim.clip_grad,
                                     model=self.forward, ddp=self.model if self.dist.enabled else None,
-                                    all_processes=self._all_processes)
+                                    all_processes=self._all_processes, seed=t.seed, rank=self.dist.rank)
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
-        self.knn_history: list[dict[str, Any]] = []
-        self.pixel_knn: dict[str, Any] | None = None  # the monitor's raw-pixel baseline, measured once
         self.nonfinite_steps = 0  # steps skipped because their loss or gradient norm was NaN/inf (whole run)
         self.logger = MetricsLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=t.tensorboard)
-        self._monitor_sets: tuple[Any, Any] | None = None
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def checkpoint_path(self) -> Path:
@@ -126,10 +129,10 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "total_steps": self.total_steps, "world_size": self.dist.world_size,
             "rng": rng_state(), "config": to_yaml(self.cfg), "method": self.cfg.method,
-            "encoder": encoder_meta(self.method), "knn_history": self.knn_history,
-            "pixel_knn": self.pixel_knn,
-            "nonfinite_steps": self.nonfinite_steps,
+            "encoder": encoder_meta(self.method), "nonfinite_steps": self.nonfinite_steps,
         }
+        for cb in self.callbacks:
+            state.update(cb.state_dict())
         atomic_torch_save(state, self.checkpoint_path())
 
     def maybe_resume(self) -> bool:
@@ -144,6 +147,11 @@ class Trainer:
             raise CheckpointError(f"{path} was made for a {ckpt.get('total_steps')}-step run, this one has "
                                   f"{self.total_steps} (epochs, batch size or dataset changed)")
         check_resumable(ckpt, path)  # every entry restored below is present and well-typed
+        for cb in self.callbacks:  # first: a callback that refuses its state leaves the run untouched
+            try:
+                cb.load_state_dict(ckpt)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
         try:
             self.method.load_state_dict(ckpt["model"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -154,42 +162,12 @@ class Trainer:
             raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer: "
                                   f"{first_line(e, 300)}") from None
         self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
-        self.knn_history = list(ckpt.get("knn_history", []))
-        pix = ckpt.get("pixel_knn")
-        self.pixel_knn = dict(pix) if isinstance(pix, dict) else None
         self.nonfinite_steps = int(ckpt.get("nonfinite_steps", 0))
         set_rng_state(ckpt["rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
                      self.step_in_epoch)
         return True
-
-    # --- monitor ----------------------------------------------------------------------------------------
-    def run_monitor(self) -> None:
-        cfg = self.cfg
-        if self.dist.is_main:
-            if self._monitor_sets is None:
-                self._monitor_sets = (build_eval_dataset(cfg.data, cfg.data.train_split),
-                                      build_eval_dataset(cfg.data, cfg.data.eval_split))
-            if cfg.monitor.raw_pixels and self.pixel_knn is None:
-                t0 = time.perf_counter()
-                res = pixel_knn(*self._monitor_sets, cfg)
-                if res:
-                    self.pixel_knn = {"knn_top1": res["top1"], "knn_top5": res["top5"], "k": cfg.monitor.k,
-                                      "train_images": cfg.monitor.train_subset, "seconds": time.perf_counter() - t0}
-                    tqdm.write(f"[k-NN] raw pixels: top-1 {res['top1']:.2f}% (the baseline, k={cfg.monitor.k})")
-            encoder = self.method.encoder(cfg.monitor.encoder)
-            t0 = time.perf_counter()
-            res = online_knn(encoder, *self._monitor_sets, cfg, self.device)
-            if res:
-                rec = {"epoch": self.epoch, "step": self.step, "knn_top1": res["top1"], "knn_top5": res["top5"],
-                       "encoder": cfg.monitor.encoder, "feature": cfg.monitor.feature, "k": cfg.monitor.k,
-                       "seconds": time.perf_counter() - t0}
-                self.knn_history.append(rec)
-                self.logger.log(self.step, {k: v for k, v in rec.items() if k != "step"}, kind="knn")
-                tqdm.write(f"[k-NN] epoch {self.epoch} step {self.step}: top-1 {res['top1']:.2f}% "
-                           f"({cfg.monitor.encoder}, {cfg.monitor.feature} features, k={cfg.monitor.k})")
-        barrier()
 
     # --- robustness -------------------------------------------------------------------------------------
     def _all_processes(self, flag: torch.Tensor) -> torch.Tensor:
@@ -238,9 +216,8 @@ class Trainer:
         resumed = self.maybe_resume()
         if t.check_memory and self.step < self.total_steps:
             self.check_memory()
-        mon = cfg.monitor
-        if not resumed and mon.every_epochs > 0 and mon.at_start and self.step == 0:
-            self.run_monitor()
+        for cb in self.callbacks:
+            cb.on_train_start(self, resumed)
         base_lr = peak_lr(cfg)
         stop = False
         images_per_step = t.batch_size
@@ -326,24 +303,24 @@ class Trainer:
                     break
             bar.close()
             del it
-            if mon.every_epochs > 0 and self.step_in_epoch == 0 and (
-                    self.epoch % mon.every_epochs == 0 or self.epoch == t.epochs):
-                self.run_monitor()
-                self.save_checkpoint()  # keep the k-NN history with the weights
+            if self.step_in_epoch == 0 and any([cb.on_epoch_end(self) for cb in self.callbacks]):
+                self.save_checkpoint()  # keep what the callbacks measured with the weights
                 last_saved = self.step
         steps_done = self.step - start_step
         # unreadable / oversized images: counted and listed once for the whole run (all processes, the
         # monitor's sets, and before a resume), each warned about once when first met
         all_reduce_skips(self.train_set, self.device)
         skip_file = self.out_dir / "skipped.txt"
-        skipped = skip_report(self.train_set, *(self._monitor_sets or ())) if self.dist.is_main else []
+        read = [ds for cb in self.callbacks for ds in cb.datasets()]
+        skipped = skip_report(self.train_set, *read) if self.dist.is_main else []
         if resumed and self.dist.is_main:
             skipped = sorted(dict(read_skip_list(skip_file) + skipped).items())
         summary = {
             "method": cfg.method, "steps": self.step, "epochs_done": self.epoch, "total_steps": self.total_steps,
             "train_seconds": train_seconds,
             "img_per_s": steps_done * images_per_step / train_seconds if train_seconds > 0 else None,
-            "knn": self.knn_history, "knn_raw_pixels": self.pixel_knn, "checkpoint": str(self.checkpoint_path()),
+            **{k: v for cb in self.callbacks for k, v in cb.summary().items()},
+            "checkpoint": str(self.checkpoint_path()),
             "skipped_images": len(skipped), "skipped_list": str(skip_file) if skipped else None,
             "nonfinite_steps": self.nonfinite_steps,
         }
@@ -355,9 +332,10 @@ class Trainer:
         return summary
 
 
-def pretrain(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume) a pre-training job; returns a summary dict (also written to out_dir/summary.json)."""
-    trainer = Trainer(cfg)
+def pretrain(cfg: DictConfig, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Run (or resume) a pre-training job; returns a summary dict (also written to out_dir/summary.json).
+    ``cmim.train.pretrain`` is this with the online k-NN monitor."""
+    trainer = Trainer(cfg, callbacks=callbacks)
     try:
         return trainer.train()
     finally:

@@ -1,15 +1,15 @@
-"""k-NN classification on frozen features (the DINO protocol): cosine similarity, k nearest training
-samples, votes weighted by exp(sim / T)."""
+"""Frozen features of datasets (encoders and raw pixels) and the k-NN evaluations on them; the k-NN math
+itself is :mod:`cmim.core.knn`."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from cmim.core.knn import knn_accuracy
 from cmim.data.augment import normalize
 from cmim.models import MaskedEncoder
 
@@ -32,35 +32,6 @@ def extract_features(encoder: MaskedEncoder, dataset: Dataset, *, feature: str =
         labels.append(batch["label"])
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
-
-
-@torch.no_grad()
-def knn_scores(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, *, k: int = 20,
-               temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> Tensor:
-    """Class scores (M, C): each test sample's k nearest training samples vote with weight exp(sim/T)."""
-    num_classes = num_classes or int(train_labels.max()) + 1
-    train_feats = F.normalize(train_feats.float(), dim=1)
-    test_feats = F.normalize(test_feats.float(), dim=1)
-    k = min(k, train_feats.shape[0])
-    out = []
-    for start in range(0, test_feats.shape[0], chunk):
-        sim = test_feats[start:start + chunk] @ train_feats.T
-        top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp().unsqueeze(-1)
-        votes = F.one_hot(train_labels[top_idx], num_classes).float() * weights
-        out.append(votes.sum(dim=1))
-    return torch.cat(out)
-
-
-def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor, *,
-                 k: int = 20, temperature: float = 0.07, num_classes: int | None = None) -> dict[str, float]:
-    """Top-1 and top-5 accuracy in percent."""
-    scores = knn_scores(train_feats, train_labels, test_feats, k=k, temperature=temperature,
-                        num_classes=num_classes)
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    hit = top == test_labels.unsqueeze(1)
-    return {"top1": 100.0 * hit[:, 0].float().mean().item(),
-            "top5": 100.0 * hit.any(dim=1).float().mean().item()}
 
 
 def first_n(dataset: Dataset, n: int | None) -> Dataset:
@@ -89,8 +60,6 @@ def pixel_features(dataset: Dataset, *, mean=(0.5,), std=(0.5,), batch_size: int
                    num_workers: int = 0) -> tuple[Tensor, Tensor]:
     """The raw-pixel baseline's features: each eval image normalized with the data's mean/std and flattened,
     the same images the encoders see (float32, CPU), and the labels."""
-    from cmim.data.augment import normalize
-
     feats, labels = [], []
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         feats.append(normalize(batch["image"], list(mean), list(std)).flatten(1))

@@ -23,6 +23,8 @@ from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from cmim.core.knn import topk_accuracy
+from cmim.core.schedules import scaled_lr
 from cmim.data.augment import normalize
 from cmim.eval.features import (
     TransformDataset,
@@ -54,16 +56,11 @@ class LinearProbe(nn.Module):
         return self.fc(self.bn(x))
 
 
-def accuracy(logits: Tensor, labels: Tensor) -> dict[str, float]:
-    """Top-1 / top-5 in percent."""
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hit = top == labels.unsqueeze(1)
-    return {"top1": 100.0 * hit[:, 0].float().mean().item(),
-            "top5": 100.0 * hit.any(dim=1).float().mean().item()}
+accuracy = topk_accuracy  # top-1 / top-5 of logits, in percent
 
 
 def _lr(lin: Any) -> float:
-    return float(lin.lr) if lin.lr is not None else float(lin.blr) * lin.batch_size / 256
+    return scaled_lr(lin.lr, lin.blr, lin.batch_size)
 
 
 def _optimizer(head: nn.Module, lin: Any) -> tuple[torch.optim.Optimizer, float]:

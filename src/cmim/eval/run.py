@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from cmim.config import ConfigError, load_config
 from cmim.core.io import atomic_write_text
+from cmim.core.knn import knn_accuracy
 from cmim.eval.baselines import pixel_source, recipe_source
 from cmim.eval.config import load_eval_config
 from cmim.eval.features import SKIPPED, cached_features, label_subset, num_classes_of, resolve_device
-from cmim.eval.knn import knn_accuracy
 from cmim.eval.linear import linear_on_features, linear_reference
 from cmim.eval.loading import EncoderSource, load_source, random_init_like
 

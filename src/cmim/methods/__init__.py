@@ -33,6 +33,7 @@ class MethodSpec:
     encoder_prefixes: dict[str, str] = field(default_factory=lambda: {"teacher": "student.",
                                                                        "student": "student."})
     has_projector: bool = False  # its checkpoints hold a projector a MimCo student can learn from
+    sync_bn: bool = True  # default of train.sync_bn: BatchNorm over all processes (False: per process)
 
 
 @cache

@@ -79,4 +79,5 @@ def validate(cfg: Any) -> None:
 
 
 SPEC = MethodSpec(name="conmim", config=ConMIMConfig, build=ConMIM, validate=validate,
-                  encoder_prefixes={"teacher": "teacher.", "student": "student."}, has_projector=True)
+                  encoder_prefixes={"teacher": "teacher.", "student": "student."}, has_projector=True,
+                  sync_bn=False)  # the reference's ConMIM projectors use per-GPU BatchNorm

@@ -143,6 +143,10 @@ def validate(cfg: Any) -> None:
     require(c.patch_temperature > 0 and c.image_temperature > 0, "mimco temperatures must be positive")
     require(c.image_weight >= 0, "mimco.image_weight: must be >= 0")
     if cfg.method == "mimco":
+        require(cfg.train.accum_steps == 1,
+                "train.accum_steps: MimCo's image loss contrasts each micro-batch against its own teacher "
+                "features, so accumulation would shrink its negatives to the micro-batch; use more processes or "
+                "a smaller train.batch_size")
         require(c.teacher is not None, "mimco.teacher: a teacher checkpoint is required for method=mimco")
         require(Path(c.teacher).is_file(), f"mimco.teacher: file not found: {c.teacher}")
 

@@ -98,6 +98,11 @@ def validate(cfg: Any) -> None:
             f"mocov3.views: need two profiles from {tuple(PROFILES)}")
     require(c.proj_hidden_dim > 0 and c.proj_out_dim > 0 and c.pred_hidden_dim > 0,
             "mocov3 head sizes must be positive")
+    if cfg.method == "mocov3":
+        require(cfg.train.accum_steps == 1,
+                "train.accum_steps: MoCo v3 contrasts each micro-batch against its own keys, so accumulation "
+                "would shrink its negatives and BatchNorm batches to the micro-batch; use more processes or a "
+                "smaller train.batch_size")
 
 
 SPEC = MethodSpec(name="mocov3", config=MoCoV3Config, build=MoCoV3, validate=validate,

@@ -60,8 +60,8 @@ class MaskedEncoder(nn.Module):
 
     Attention kernel: timm's blocks call ``F.scaled_dot_product_attention`` when their ``fused_attn`` flag is
     set. On CUDA that is the fast path; on CPU, PyTorch's flash-attention kernel is slower than timm's
-    explicit ``softmax(q k^T) v`` at ViT sequence lengths, its backward especially (bf16 forward + backward:
-    1.6x slower at 197 tokens, 6.5x at 50; see BENCHMARKS.md). So the flag follows the device the encoder
+    explicit ``softmax(q k^T) v`` at ViT sequence lengths, its backward especially (measured in BENCHMARKS.md).
+    So the flag follows the device the encoder
     lives on (:attr:`fused_attn_cpu`, :attr:`fused_attn_accel`). Both paths compute the same attention.
     """
 

@@ -73,7 +73,8 @@ def _default_out(path: str, name: str) -> Path:
     return Path(path).resolve().parent / "viz" / f"{name}.png"
 
 
-def _class_names(cfg: DictConfig) -> list[str]:
+def class_names(cfg: DictConfig) -> list[str]:
+    """The eval split's class names (empty when the data has none or cannot be read)."""
     from cmim.data.datasets import build_base_dataset
 
     try:
@@ -89,7 +90,7 @@ def _tsne(args: argparse.Namespace) -> int:
     defaults = [f"test_subset={args.points}", "train_subset=10000"]
     sources, cfg = load_sources(paths, args.config, defaults + overrides, args.random_init, _labels(args))
     out = plot_tsne(sources, cfg, args.out or _default_out(paths[0], "tsne"), n_points=args.points,
-                    class_names=_class_names(cfg))
+                    class_names=class_names(cfg))
     print(f"cmim viz tsne: {len(sources)} panel(s) -> {out}")
     return 0
 
@@ -107,7 +108,7 @@ def _maps(args: argparse.Namespace, kind: str) -> int:
     if index and not all(0 <= i < len(ds) for i in index):  # type: ignore[arg-type]
         raise ConfigError(f"--index: the test set has {len(ds)} images")  # type: ignore[arg-type]
     images, idx, labels = pick_images(ds, args.images, index)
-    names = _class_names(cfg)
+    names = class_names(cfg)
     text = [f"#{i}: {names[y] if 0 <= y < len(names) else y}" for i, y in zip(idx, labels)]
     mean, std = list(cfg.data.mean), list(cfg.data.std)
     out = args.out or _default_out(paths[0], kind)

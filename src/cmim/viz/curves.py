@@ -12,14 +12,14 @@ from cmim.viz.common import new_figure, save_figure
 
 __all__ = ["PANELS", "load_curves", "plot_curves"]
 
-# (record kind, key, panel title, log-scale y)
-PANELS: list[tuple[str, str, str, bool]] = [
-    ("train", "loss", "pre-training loss", False),
-    ("train", "lr", "learning rate", False),
-    ("train", "momentum", "EMA momentum", False),
-    ("knn", "knn_top1", "online k-NN top-1 (%)", False),
-    ("train", "grad_norm", "gradient norm (before clipping)", False),
-    ("train", "img_per_s", "throughput (img/s)", False),
+# (record kind, key, panel title)
+PANELS: list[tuple[str, str, str]] = [
+    ("train", "loss", "pre-training loss"),
+    ("train", "lr", "learning rate"),
+    ("train", "momentum", "EMA momentum"),
+    ("knn", "knn_top1", "online k-NN top-1 (%)"),
+    ("train", "grad_norm", "gradient norm (before clipping)"),
+    ("train", "img_per_s", "throughput (img/s)"),
 ]
 
 
@@ -55,7 +55,7 @@ def plot_curves(runs: list[str | os.PathLike], out: str | os.PathLike,
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = new_figure(rows, cols, (4.2 * cols, 3.0 * rows))
-    for ax, (kind, key, title, logy) in zip(axes, panels):
+    for ax, (kind, key, title) in zip(axes, panels):
         for c, label in zip(curves, labels):
             if (kind, key) in c:
                 steps, values = c[(kind, key)]
@@ -63,8 +63,6 @@ def plot_curves(runs: list[str | os.PathLike], out: str | os.PathLike,
                 ax.plot(steps, values, label=label, **style)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-        if logy:
-            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if kind == "knn":
             for c in curves:

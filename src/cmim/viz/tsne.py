@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from cmim.core.knn import knn_accuracy
 from cmim.eval.features import cached_features, resolve_device
-from cmim.eval.knn import knn_accuracy
 from cmim.eval.linear import linear_on_features
 from cmim.eval.loading import EncoderSource
 from cmim.viz.common import new_figure, save_figure

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU check of issue #14, one command, at most 8 minutes on one NVIDIA GPU with its own PyTorch:
+#   1. the CUDA-marked tests (pytest -m cuda; CI has no GPU and skips them),
+#   2. cmim bench: ConMIM ViT-B/16 and ViT-S/16, bf16, eager and torch.compile, MFU against the measured
+#      bf16 matmul peak, and the data pipeline (JPEG decode + crops per core) against what the step needs,
+#   3. a 1-GPU DDP smoke run (torchrun, 20 steps, synthetic data),
+# then one table. Every part has its own time limit, so a hang costs that part only.
+#
+#   bash benchmarks/gpu_check.sh                  # outputs in $OUT (default /tmp/cmim_gpu_check)
+#
+# Dependencies: the machine's torch, torchvision, timm, safetensors, tensorboard, matplotlib, scikit-learn,
+# plus cmim's pure-Python ones it may lack (omegaconf, antlr4-python3-runtime, pytest): put their wheels in
+# .whl/ (BENCHMARKS.md, "GPU check", says how) and this script installs them into /tmp/site first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/cmim_gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())" \
+  | tee "$OUT/device.txt" || exit 1
+
+part() {  # part NAME SECONDS CMD...: run CMD with a limit, log to $OUT/NAME.log, status to $OUT/NAME.rc
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo $? > "$OUT/$name.rc"
+  tail -n 3 "$OUT/$name.log"
+}
+
+part cuda_tests 100 $PY -m pytest -q -m cuda -p no:cacheprovider tests
+BENCH=(-m cmim.cli bench --steps 10 --rounds 3 --warmup 3 --data-items 256 --data-source jpeg)
+part bench_vitb_eager 70 $PY "${BENCH[@]}" configs/conmim_vit_base_in1k.yaml train.batch_size=128 \
+  --json-out "$OUT/bench_vitb_eager.json"
+part bench_vitb_compiled 130 $PY "${BENCH[@]}" configs/conmim_vit_base_in1k.yaml train.batch_size=128 \
+  train.compile=true --json-out "$OUT/bench_vitb_compiled.json"
+part bench_vits_eager 50 $PY "${BENCH[@]}" configs/conmim_vit_small_in1k.yaml train.batch_size=256 \
+  --json-out "$OUT/bench_vits_eager.json"
+part bench_vits_compiled 100 $PY "${BENCH[@]}" configs/conmim_vit_small_in1k.yaml train.batch_size=256 \
+  train.compile=true --json-out "$OUT/bench_vits_compiled.json"
+part ddp_smoke 60 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m cmim.cli pretrain \
+  configs/conmim_vit_small_in1k.yaml data.name=synthetic data.synthetic_size=2560 data.num_workers=4 \
+  train.batch_size=128 train.max_steps=20 train.log_every_steps=5 monitor.every_epochs=0 train.progress=false \
+  train.tensorboard=false "train.out_dir=$OUT/ddp_smoke"
+
+$PY - "$OUT" <<'PYEOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+rc = lambda n: (out / f"{n}.rc").read_text().strip() if (out / f"{n}.rc").exists() else "not run"
+print("\n| part | status | img/s | GFLOP/img | TFLOP/s | MFU | host syncs/step | data: cores needed (per-core items/s) |")
+print("|---|---|---|---|---|---|---|---|")
+tail = lambda n: ((out / f"{n}.log").read_text().strip().splitlines() or [""])[-1][:90]
+print(f"| CUDA tests | rc {rc('cuda_tests')} | | | | | | {tail('cuda_tests')} |")
+for name in ("bench_vitb_eager", "bench_vitb_compiled", "bench_vits_eager", "bench_vits_compiled"):
+    p = out / f"{name}.json"
+    if not p.exists():
+        print(f"| {name} | rc {rc(name)} | | | | | | {tail(name)} |")
+        continue
+    r = json.loads(p.read_text())
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+    data = (f"{r['data_cores_needed']:.1f} ({r['data_items_per_s_per_core']:.0f})"
+            if r.get("data_cores_needed") is not None else "")
+    print(f"| {name} | rc {rc(name)} | {r['img_per_s']:.0f} | {r['flops_per_img'] / 1e9:.1f} | "
+          f"{r['achieved_tflops']:.1f} (peak {r.get('peak_bf16_tflops', 0):.0f}) | {mfu} | "
+          f"{r.get('host_syncs_per_step')} | {data} |")
+s = out / "ddp_smoke" / "summary.json"
+ddp = json.loads(s.read_text()) if s.exists() else {}
+print(f"| DDP smoke (1 GPU, 20 steps) | rc {rc('ddp_smoke')} | {ddp.get('img_per_s') or 0:.0f} | | | | | "
+      f"steps {ddp.get('steps')}, non-finite {ddp.get('nonfinite_steps')} |")
+PYEOF
