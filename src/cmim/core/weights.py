@@ -1,5 +1,7 @@
-"""The one reader of weight files: ``torch.load(weights_only=True)`` with every failure turned into one
-:class:`~cmim.core.errors.CheckpointError` line, and the structural checks of a cmim checkpoint.
+"""The one reader of weight files (cmim checkpoints, `cmim export` safetensors, the MoCo v3 release, timm
+weights): safetensors, or ``torch.load(weights_only=True)``, with every failure turned into one
+:class:`~cmim.core.errors.CheckpointError` line; and the structural checks of a cmim checkpoint. Nothing else
+in cmim opens a weights file.
 
 A pickle can run any code while it is unpickled, so a file that asks for any Python global beyond tensors
 and plain values is refused (:class:`~cmim.core.errors.UnsafeCheckpointError`), never retried with full
@@ -19,7 +21,8 @@ import torch
 
 from cmim.core.errors import CheckpointError, UnsafeCheckpointError, first_line
 
-__all__ = ["LEGACY_HINT", "check_state_dict", "is_int", "load_checkpoint", "read_weights"]
+__all__ = ["LEGACY_HINT", "check_state_dict", "is_int", "is_safetensors", "load_checkpoint", "read_safetensors_meta",
+           "read_weights"]
 
 _GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
 # what torch's weights-only unpickler says when a file asks for more than tensors and plain values
@@ -40,14 +43,43 @@ def _unpickler_reason(message: str) -> str:
     return useful[0] if useful else "unreadable pickle"
 
 
-def read_weights(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU; every failure is one :class:`CheckpointError` line.
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """By name, or by content: an 8-byte header length followed by the JSON header."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return True
+    with open(p, "rb") as f:
+        head = f.read(16)
+    return len(head) >= 9 and head[8:9] == b"{"
 
-    A file that references any other Python global raises :class:`UnsafeCheckpointError` naming the global.
+
+def read_safetensors_meta(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (its tensors are not read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - any failure means an unusable file
+        raise CheckpointError(f"cannot read {path} as safetensors: {type(e).__name__}: {first_line(e)}") from None
+
+
+def read_weights(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """A weights file on CPU: a safetensors file's tensors, else ``torch.load(path, weights_only=True)``;
+    every failure is one :class:`CheckpointError` line.
+
+    A torch file that references any other Python global raises :class:`UnsafeCheckpointError` naming it.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
+    if is_safetensors(path):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any failure means an unusable file
+            raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {first_line(e)}") from None
     try:
         with warnings.catch_warnings():  # a non-torch pickle must fail with one line, not a warning first
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)

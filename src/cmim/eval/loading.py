@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cmim.config import ConfigError, from_yaml_string
 from cmim.core.errors import CheckpointError, first_line, load_error_detail
-from cmim.core.weights import load_checkpoint
+from cmim.core.weights import is_safetensors, load_checkpoint, read_safetensors_meta, read_weights
 from cmim.models import MaskedEncoder, build_encoder
 
 __all__ = [
@@ -164,13 +164,7 @@ def _load_checkpoint_source(path: Path, which: str) -> EncoderSource:
 
 def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The description ``cmim export`` stored in a safetensors file's metadata."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(EXPORT_META_KEY)
-    except Exception as e:  # noqa: BLE001 - any failure means an unusable file
-        raise CheckpointError(f"cannot read {path} as safetensors: {type(e).__name__}: {e}") from None
+    raw = read_safetensors_meta(path).get(EXPORT_META_KEY)
     if raw is None:
         raise CheckpointError(f"{path} has no cmim metadata (not written by `cmim export`)")
     try:
@@ -184,11 +178,9 @@ def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _load_export_source(path: Path) -> EncoderSource:
-    from safetensors.torch import load_file
-
     meta = read_export_meta(path)
+    sd = read_weights(path, what="export")
     try:
-        sd = load_file(str(path))
         enc = MaskedEncoder(meta["timm_name"], meta["timm_kwargs"])
         missing, unexpected = enc.backbone.load_state_dict(sd, strict=False)
     except Exception as e:  # noqa: BLE001 - torn file, unknown model or misshapen weights: unusable
@@ -208,9 +200,7 @@ def load_source(path: str | os.PathLike, which: str = "teacher") -> EncoderSourc
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
-    with open(p, "rb") as f:
-        head = f.read(16)
-    if p.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+    if is_safetensors(p):
         return _load_export_source(p)
     return _load_checkpoint_source(p, which)
 

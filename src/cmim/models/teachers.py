@@ -127,17 +127,8 @@ def _strip(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def _read(path: Path) -> Any:
-    """Load a weights file: safetensors, else torch with ``weights_only=True`` only. A file that needs full
-    unpickling (which can run code) is refused with one line, never loaded another way."""
-    if not path.is_file():
-        raise TeacherError(f"teacher file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - any failure means an unusable file
-            raise TeacherError(f"cannot read teacher {path}: {type(e).__name__}: {first_line(e)}") from None
+    """The file's contents through the one weights reader (safetensors, or torch weights-only: a file that
+    needs full unpickling is refused with one line, never loaded another way)."""
     try:
         return read_weights(path, what="teacher")
     except CheckpointError as e:
