@@ -23,15 +23,14 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from cmim.config import ConfigError, load_config
 from cmim.core.distributed import cleanup, resolve_device
 from cmim.core.io import atomic_write_text
 from cmim.core.knn import knn_accuracy
-from cmim.data.augment import normalize
 from cmim.data.views import build_eval_dataset
-from cmim.eval.knn import first_n
+from cmim.eval.knn import extract_pooled, first_n
 from cmim.methods import method_specs
 from cmim.models import MaskedEncoder, build_encoder
 
@@ -122,32 +121,14 @@ def load_stage_configs(args: argparse.Namespace) -> tuple[DictConfig, DictConfig
 
 
 # --- k-NN ---------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def pooled_features(encoder: MaskedEncoder, dataset: Dataset, cfg: DictConfig,
-                    device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """CLS and mean-pooled features of every image in one pass (float32, CPU), and the labels."""
-    was_training = encoder.training
-    encoder.eval()
-    loader = DataLoader(dataset, batch_size=cfg.monitor.batch_size, shuffle=False, num_workers=0)
-    feats: dict[str, list[torch.Tensor]] = {f: [] for f in FEATURES}
-    labels = []
-    for batch in loader:
-        x = normalize(batch["image"].to(device), cfg.data.mean, cfg.data.std)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
-            tokens = encoder(x)
-        for f in FEATURES:
-            feats[f].append(MaskedEncoder.pool(tokens, f).float().cpu())
-        labels.append(batch["label"])
-    encoder.train(was_training)
-    return {f: torch.cat(v) for f, v in feats.items()}, torch.cat(labels)
-
-
 def knn_eval(encoder: MaskedEncoder, sets: tuple[Dataset, Dataset], cfg: DictConfig,
              device: torch.device) -> dict[str, float]:
     """k-NN top-1 (percent) with CLS and with mean-pooled features, monitor.k / monitor.temperature."""
     encoder = encoder.to(device)
-    train_f, train_y = pooled_features(encoder, sets[0], cfg, device)
-    test_f, test_y = pooled_features(encoder, sets[1], cfg, device)
+    kw = dict(mean=cfg.data.mean, std=cfg.data.std, device=device, batch_size=cfg.monitor.batch_size,
+              precision=cfg.train.precision)
+    train_f, train_y = extract_pooled(encoder, sets[0], FEATURES, **kw)
+    test_f, test_y = extract_pooled(encoder, sets[1], FEATURES, **kw)
     return {f: knn_accuracy(train_f[f], train_y, test_f[f], test_y, k=cfg.monitor.k,
                             temperature=cfg.monitor.temperature)["top1"] for f in FEATURES}
 

@@ -60,7 +60,7 @@ def draw_pictures(run_dir: Path, refresh: bool = False, overrides: list[str] | N
             notes.append(f"no {CHECKPOINT_NAME} in {run_dir}: encoder pictures not drawn")
         return notes
     try:
-        from cmim.eval.features import eval_dataset
+        from cmim.eval.datasets import eval_dataset
         from cmim.viz.cli import class_names, load_sources
         from cmim.viz.maps import pick_images, plot_attention, plot_patch_similarity
         from cmim.viz.tsne import plot_tsne

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cmim.core.errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -25,12 +27,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """"auto" | "cpu" | "cuda" -> the device (cuda: this process's GPU, made current); ``key`` names the
+    config value in the one-line error when CUDA is asked for and absent."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is available")
+            raise ConfigError(f"{key}: cuda requested but no CUDA device is available")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

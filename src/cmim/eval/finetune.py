@@ -27,16 +27,10 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cmim.core.distributed import resolve_device
 from cmim.core.schedules import scaled_lr
 from cmim.data.augment import normalize
-from cmim.eval.features import (
-    TransformDataset,
-    base_train_dataset,
-    check_data_fits,
-    eval_dataset,
-    resolve_device,
-    seed_augmentation,
-)
+from cmim.eval.datasets import TransformDataset, base_train_dataset, check_data_fits, eval_dataset, seed_augmentation
 from cmim.eval.linear import accuracy
 from cmim.eval.loading import EncoderSource
 from cmim.eval.timm_model import build_timm_model
@@ -123,7 +117,7 @@ def finetune(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str,
     """Fine-tune ``src``'s encoder on the train split; top-1/top-5 of the last epoch on the test split."""
     ft = cfg.finetune
     check_data_fits(src, cfg.data)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="device")
     seed_augmentation(cfg.seed)
     model = build_finetune_model(src, ft, num_classes).to(device)
     train_ds = TransformDataset(base_train_dataset(cfg), train_transform(cfg))

@@ -14,24 +14,36 @@ from cmim.data.augment import normalize
 from cmim.models import MaskedEncoder
 
 
-@torch.no_grad()
 def extract_features(encoder: MaskedEncoder, dataset: Dataset, *, feature: str = "mean", mean=(0.5,),
                      std=(0.5,), device: torch.device | str = "cpu", batch_size: int = 256,
                      num_workers: int = 0, precision: str = "bf16") -> tuple[Tensor, Tensor]:
     """Pooled features (float32, CPU) and labels of every sample of an :class:`EvalDataset`."""
+    feats, labels = extract_pooled(encoder, dataset, (feature,), mean=mean, std=std, device=device,
+                                   batch_size=batch_size, num_workers=num_workers, precision=precision)
+    return feats[feature], labels
+
+
+@torch.no_grad()
+def extract_pooled(encoder: MaskedEncoder, dataset: Dataset, features: tuple[str, ...], *, mean=(0.5,),
+                   std=(0.5,), device: torch.device | str = "cpu", batch_size: int = 256,
+                   num_workers: int = 0, precision: str = "bf16") -> tuple[dict[str, Tensor], Tensor]:
+    """Several pooled features of every sample in one encoder pass: {feature: (N, D) float32 CPU}, labels.
+    The one feature extractor of k-NN, the linear probe's cache, the monitor, the pipeline and the plots."""
     device = torch.device(device)
     was_training = encoder.training
     encoder.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    feats, labels = [], []
+    feats: dict[str, list[Tensor]] = {f: [] for f in features}
+    labels = []
     for batch in loader:
         x = normalize(batch["image"].to(device, non_blocking=True), mean, std)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             tokens = encoder(x)
-        feats.append(MaskedEncoder.pool(tokens, feature).float().cpu())
+        for f in features:
+            feats[f].append(MaskedEncoder.pool(tokens, f).float().cpu())
         labels.append(batch["label"])
     encoder.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return {f: torch.cat(v) for f, v in feats.items()}, torch.cat(labels)
 
 
 def first_n(dataset: Dataset, n: int | None) -> Dataset:

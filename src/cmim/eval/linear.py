@@ -23,16 +23,11 @@ from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from cmim.core.distributed import resolve_device
 from cmim.core.knn import topk_accuracy
 from cmim.core.schedules import scaled_lr
 from cmim.data.augment import normalize
-from cmim.eval.features import (
-    TransformDataset,
-    base_train_dataset,
-    eval_dataset,
-    resolve_device,
-    seed_augmentation,
-)
+from cmim.eval.datasets import TransformDataset, base_train_dataset, eval_dataset, seed_augmentation
 from cmim.eval.loading import EncoderSource
 from cmim.models import MaskedEncoder
 
@@ -124,7 +119,7 @@ def _eval_features(head: nn.Module, x: Tensor, y: Tensor, device: torch.device) 
 def linear_reference(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str, Any]:
     """MoCo v3 / MAE linear probe: augmented images through the frozen encoder at every step."""
     lin, d = cfg.linear, cfg.data
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="device")
     seed_augmentation(cfg.seed)
     tf = create_transform(int(d.img_size), is_training=True, scale=tuple(lin.crop_scale),
                           hflip=float(lin.hflip), color_jitter=None, auto_augment=None,

@@ -17,11 +17,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cmim.config import ConfigError, load_config
+from cmim.core.distributed import resolve_device
 from cmim.core.io import atomic_write_text
 from cmim.core.knn import knn_accuracy
 from cmim.eval.baselines import pixel_source, recipe_source
 from cmim.eval.config import load_eval_config
-from cmim.eval.features import SKIPPED, cached_features, label_subset, num_classes_of, resolve_device
+from cmim.eval.datasets import label_subset, num_classes_of
+from cmim.eval.features import SKIPPED, cached_features
 from cmim.eval.linear import linear_on_features, linear_reference
 from cmim.eval.loading import EncoderSource, load_source, random_init_like
 
@@ -104,7 +106,7 @@ def _linear(src: EncoderSource, cfg: DictConfig) -> dict[str, Any]:
         trf, trl = label_subset(trf, trl, cfg)
         tef, tel, c2 = cached_features(src, cfg, "test")
         res = linear_on_features(trf, trl, tef, tel, cfg.linear, num_classes=num_classes_of(cfg),
-                                 seed=cfg.seed, device=resolve_device(cfg.device))
+                                 seed=cfg.seed, device=resolve_device(cfg.device, key="device"))
         res["train_samples"], n_test, cached = len(trl), len(tel), c1 and c2
     details = {k: v for k, v in res.items() if k not in ("top1", "top5", "train_samples")}
     return {"top1": res["top1"], "top5": res["top5"], "details": dict(details, mode=cfg.linear.mode),
@@ -128,7 +130,7 @@ def run_eval(protocol: str, src: EncoderSource, cfg: DictConfig, out: str | os.P
     t0 = time.perf_counter()
     res = {"knn": _knn, "linear": _linear, "finetune": _finetune}[protocol](src, cfg)
     if res.get("test_samples") is None:
-        from cmim.eval.features import eval_dataset
+        from cmim.eval.datasets import eval_dataset
 
         res["test_samples"] = len(eval_dataset(cfg, "test"))  # type: ignore[arg-type]
     if protocol == "finetune":

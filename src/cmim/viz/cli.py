@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from cmim.config import ConfigError
 from cmim.eval.cli import allow_intermixed
-from cmim.eval.features import eval_dataset
+from cmim.eval.datasets import eval_dataset
 from cmim.eval.loading import EncoderSource, load_source, random_init_like
 from cmim.eval.run import open_source
 

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from cmim.core.distributed import resolve_device
 from cmim.core.knn import knn_accuracy
-from cmim.eval.features import cached_features, resolve_device
+from cmim.eval.features import cached_features
 from cmim.eval.linear import linear_on_features
 from cmim.eval.loading import EncoderSource
 from cmim.viz.common import new_figure, save_figure
@@ -48,7 +49,7 @@ def quick_scores(src: EncoderSource, cfg: DictConfig) -> dict[str, float]:
     tef, tel, _ = cached_features(src, cfg, "test")
     out = {"knn": knn_accuracy(trf, trl, tef, tel, k=20, temperature=cfg.knn.temperature)["top1"]}
     lin = OmegaConf.merge(cfg.linear, {"epochs": min(int(cfg.linear.epochs), 30)})
-    res = linear_on_features(trf, trl, tef, tel, lin, seed=cfg.seed, device=resolve_device(cfg.device))
+    res = linear_on_features(trf, trl, tef, tel, lin, seed=cfg.seed, device=resolve_device(cfg.device, key="device"))
     out["linear"] = res["top1"]
     out["n_train"], out["n_test"] = len(trl), len(tel)
     return out
