@@ -217,8 +217,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 
+DATASETS = ("fashion-mnist", "folder", "synthetic", "cifar10", "cifar100")
+
+
 def validate_data_input(d: DictConfig) -> None:
-    """The data keys about what users feed as image folders (shared by pre-training and eval configs)."""
+    """The data keys both pre-training and eval configs check: which dataset, where, its normalization, and
+    what users feed as image folders."""
+    require(d.name in DATASETS, f"data.name: unknown dataset {d.name!r}")
+    if d.name != "synthetic":
+        if d.root is not None:
+            require(Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
+        else:
+            require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
+    require(len(d.mean) == d.in_chans and len(d.std) == d.in_chans,
+            f"data.mean/std: need {d.in_chans} values each (data.in_chans)")
     require(d.max_image_pixels is None or d.max_image_pixels > 0, "data.max_image_pixels: must be positive or null")
     require(len(d.background) == 3 and all(0 <= v <= 255 for v in d.background),
              f"data.background: need 3 values in 0..255 (an RGB colour), got {list(d.background)}")
@@ -248,11 +260,7 @@ def validate(cfg: DictConfig) -> None:
     require(0.0 <= m.drop_path < 1.0, f"model.drop_path: must be in [0, 1), got {m.drop_path}")
     require(d.img_size > 0 and d.img_size % m.patch_size == 0,
              f"data.img_size: {d.img_size} is not divisible by model.patch_size {m.patch_size}")
-    require(d.name in ("fashion-mnist", "folder", "synthetic", "cifar10", "cifar100"),
-             f"data.name: unknown dataset {d.name!r}")
     require(d.in_chans in (1, 3), f"data.in_chans: must be 1 or 3, got {d.in_chans}")
-    require(len(d.mean) == d.in_chans and len(d.std) == d.in_chans,
-             f"data.mean/std: need {d.in_chans} values each (data.in_chans)")
     require(all(s > 0 for s in d.std), "data.std: values must be positive")
     require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
              f"data.crop_scale: need 0 < min <= max <= 1, got {list(d.crop_scale)}")
@@ -265,11 +273,6 @@ def validate(cfg: DictConfig) -> None:
     validate_data_input(d)
     require(d.val_fraction == 0 or d.name == "folder",
              f"data.val_fraction: only splits data.name=folder, not {d.name} (which has its own splits)")
-    if d.name != "synthetic":
-        if d.root is not None:
-            require(Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
-        else:
-            require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
     require(mk.kind in ("block", "random"), f"mask.kind: must be block or random, got {mk.kind!r}")
     require(0.0 < mk.ratio < 1.0, f"mask.ratio: must be in (0, 1), got {mk.ratio}")
     grid = d.img_size // m.patch_size

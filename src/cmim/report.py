@@ -115,7 +115,6 @@ def add_pixel_baselines(run_dir: Path) -> list[str]:
     """For every k-NN / linear result in ``run_dir/eval`` that has no raw-pixel twin (same protocol, data, sample
     counts and label fraction), run the raw-pixel baseline with that result's own config and store it beside it:
     no table of encoder results goes without the level the pixels reach. Returns notes on baselines not run."""
-    from omegaconf import OmegaConf
 
     from cmim.eval.run import open_source, run_eval
 
@@ -128,18 +127,14 @@ def add_pixel_baselines(run_dir: Path) -> list[str]:
             continue
         cfg = dict(r["config"], feature="pixels", init="random", out=None)
         cfg.pop("encoder", None)
-        tmp = run_dir / "eval" / ".pixel-baseline.yaml"
-        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
         try:
-            src, ecfg = open_source(None, tmp, [], raw_pixels=True)
+            src, ecfg = open_source(None, cfg, [], raw_pixels=True)
             label = "" if key[-1] is None else f"-labels{key[-1]:g}"
             name = f"{r['protocol']}-{key[1]}-pixels-{key[3]}x{key[4]}{label}.json"
             run_eval(r["protocol"], src, ecfg, out=run_dir / "eval" / name)
             have.add(key)
         except (ConfigError, FileNotFoundError, ValueError) as e:
             notes.append(f"raw-pixel baseline for {r['_file']} skipped: {e}")
-        finally:
-            tmp.unlink(missing_ok=True)
     return notes
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cmim.config import ConfigError, DataConfig, merge_config, validate_data_input
+from cmim.config import DataConfig, merge_config, validate_data_input
+from cmim.core.errors import require
 from cmim.models.encoder import is_pooled_feature
 
 __all__ = ["EvalConfig", "FinetuneConfig", "KNNConfig", "LinearConfig", "load_eval_config", "validate_eval"]
@@ -111,66 +111,56 @@ class EvalConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
 def validate_eval(cfg: DictConfig) -> None:
     """Relations between values; one line per problem, naming the key."""
     d, lin, ft = cfg.data, cfg.linear, cfg.finetune
-    _require(cfg.encoder in ("teacher", "student"), f"encoder: teacher or student, not {cfg.encoder!r}")
-    _require(cfg.feature == "pixels" or is_pooled_feature(cfg.feature),
+    require(cfg.encoder in ("teacher", "student"), f"encoder: teacher or student, not {cfg.encoder!r}")
+    require(cfg.feature == "pixels" or is_pooled_feature(cfg.feature),
              f"feature: must be mean, cls or gridG (e.g. grid2), got {cfg.feature!r}")
-    _require(cfg.init in ("pretrained", "random"), f"init: must be pretrained or random, got {cfg.init!r}")
-    _require(cfg.device in ("auto", "cpu", "cuda"), f"device: must be auto, cpu or cuda, got {cfg.device!r}")
-    _require(cfg.precision in ("bf16", "fp32"), f"precision: must be bf16 or fp32, got {cfg.precision!r}")
-    _require(cfg.batch_size > 0, "batch_size: must be positive")
-    _require(cfg.label_fraction is None or 0 < cfg.label_fraction <= 1,
+    require(cfg.init in ("pretrained", "random"), f"init: must be pretrained or random, got {cfg.init!r}")
+    require(cfg.device in ("auto", "cpu", "cuda"), f"device: must be auto, cpu or cuda, got {cfg.device!r}")
+    require(cfg.precision in ("bf16", "fp32"), f"precision: must be bf16 or fp32, got {cfg.precision!r}")
+    require(cfg.batch_size > 0, "batch_size: must be positive")
+    require(cfg.label_fraction is None or 0 < cfg.label_fraction <= 1,
              f"label_fraction: must be in (0, 1] or null, got {cfg.label_fraction}")
-    _require(ft.steps is None or ft.steps > 0, "finetune.steps: must be positive or null")
+    require(ft.steps is None or ft.steps > 0, "finetune.steps: must be positive or null")
     for k in ("train_subset", "test_subset"):
-        _require(cfg[k] is None or cfg[k] > 0, f"{k}: must be positive or null")
-    _require(d.name in ("fashion-mnist", "folder", "synthetic", "cifar10", "cifar100"),
-             f"data.name: unknown dataset {d.name!r}")
-    if d.name != "synthetic":
-        if d.root is not None:
-            _require(Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
-        else:
-            _require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
-    _require(len(d.mean) == d.in_chans and len(d.std) == d.in_chans,
-             f"data.mean/std: need {d.in_chans} values each (data.in_chans)")
+        require(cfg[k] is None or cfg[k] > 0, f"{k}: must be positive or null")
     validate_data_input(d)  # val_fraction carried from the checkpoint: evals see its split
-    _require(len(cfg.knn.ks) > 0 and all(k >= 1 for k in cfg.knn.ks), "knn.ks: need positive k values")
-    _require(cfg.knn.temperature > 0, "knn.temperature: must be positive")
-    _require(lin.mode in ("cached", "reference"), f"linear.mode: cached or reference, not {lin.mode!r}")
-    _require(lin.optimizer in ("sgd", "lars"), f"linear.optimizer: sgd or lars, not {lin.optimizer!r}")
-    _require(lin.epochs > 0 and lin.batch_size > 0, "linear.epochs/batch_size: must be positive")
-    _require(lin.lr is None or lin.lr > 0, "linear.lr: must be positive or null")
-    _require(ft.epochs > 0, "finetune.epochs: must be positive")
-    _require(ft.batch_size > 1, "finetune.batch_size: must be at least 2 (Mixup pairs samples)")
-    _require(ft.pool in ("avg", "token"), f"finetune.pool: must be avg or token, got {ft.pool!r}")
-    _require(ft.head_norm in ("pretrained", "fc_norm"),
+    require(len(cfg.knn.ks) > 0 and all(k >= 1 for k in cfg.knn.ks), "knn.ks: need positive k values")
+    require(cfg.knn.temperature > 0, "knn.temperature: must be positive")
+    require(lin.mode in ("cached", "reference"), f"linear.mode: cached or reference, not {lin.mode!r}")
+    require(lin.optimizer in ("sgd", "lars"), f"linear.optimizer: sgd or lars, not {lin.optimizer!r}")
+    require(lin.epochs > 0 and lin.batch_size > 0, "linear.epochs/batch_size: must be positive")
+    require(lin.lr is None or lin.lr > 0, "linear.lr: must be positive or null")
+    require(ft.epochs > 0, "finetune.epochs: must be positive")
+    require(ft.batch_size > 1, "finetune.batch_size: must be at least 2 (Mixup pairs samples)")
+    require(ft.pool in ("avg", "token"), f"finetune.pool: must be avg or token, got {ft.pool!r}")
+    require(ft.head_norm in ("pretrained", "fc_norm"),
              f"finetune.head_norm: must be pretrained or fc_norm, got {ft.head_norm!r}")
-    _require(ft.rel_pos_bias in ("shared", "per_block"),
+    require(ft.rel_pos_bias in ("shared", "per_block"),
              f"finetune.rel_pos_bias: must be shared or per_block, got {ft.rel_pos_bias!r}")
-    _require(0.0 < ft.layer_decay <= 1.0, f"finetune.layer_decay: must be in (0, 1], got {ft.layer_decay}")
-    _require(0.0 <= ft.drop_path < 1.0, "finetune.drop_path: must be in [0, 1)")
-    _require(0.0 <= ft.smoothing < 1.0, "finetune.smoothing: must be in [0, 1)")
-    _require(0.0 <= ft.reprob <= 1.0, "finetune.reprob: must be in [0, 1]")
-    _require(ft.lr is None or ft.lr > 0, "finetune.lr: must be positive or null")
-    _require(ft.max_steps is None or ft.max_steps > 0, "finetune.max_steps: must be positive or null")
+    require(0.0 < ft.layer_decay <= 1.0, f"finetune.layer_decay: must be in (0, 1], got {ft.layer_decay}")
+    require(0.0 <= ft.drop_path < 1.0, "finetune.drop_path: must be in [0, 1)")
+    require(0.0 <= ft.smoothing < 1.0, "finetune.smoothing: must be in [0, 1)")
+    require(0.0 <= ft.reprob <= 1.0, "finetune.reprob: must be in [0, 1]")
+    require(ft.lr is None or ft.lr > 0, "finetune.lr: must be positive or null")
+    require(ft.max_steps is None or ft.max_steps > 0, "finetune.max_steps: must be positive or null")
     for sec in (lin, ft):
         cs = list(sec.crop_scale)
-        _require(len(cs) == 2 and 0 < cs[0] <= cs[1] <= 1, f"crop_scale: need 0 < min <= max <= 1, got {cs}")
+        require(len(cs) == 2 and 0 < cs[0] <= cs[1] <= 1, f"crop_scale: need 0 < min <= max <= 1, got {cs}")
 
 
-def load_eval_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                     base_data: dict[str, Any] | None = None) -> DictConfig:
-    """Schema <- ``base_data`` (the checkpoint's data config) <- recipe <- overrides, then validated."""
-    layers = []
+def load_eval_config(recipe: str | os.PathLike | dict[str, Any] | None = None,
+                     overrides: list[str] | None = None, base_data: dict[str, Any] | None = None) -> DictConfig:
+    """Schema <- ``base_data`` (the checkpoint's data config) <- recipe (a YAML path, or an eval config as a
+    dict, e.g. the one a result file stores) <- overrides, then validated."""
+    layers: list[Any] = []
     if base_data:
         # the pre-training subset is not carried over: evaluation has its own train/test subsets
         known = set(OmegaConf.structured(DataConfig).keys()) - {"subset"}
         layers.append({"data": {k: v for k, v in base_data.items() if k in known}})
+    if isinstance(recipe, dict):
+        layers.append(recipe)
+        recipe = None
     return merge_config(EvalConfig, layers, recipe, overrides, validate_eval)

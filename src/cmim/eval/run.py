@@ -32,10 +32,13 @@ __all__ = ["PROTOCOLS", "default_result_path", "open_source", "run_eval", "summa
 PROTOCOLS = ("knn", "linear", "finetune")
 
 
-def _peek(recipe: str | os.PathLike | None, overrides: list[str] | None, key: str, default: str) -> str:
+def _peek(recipe: str | os.PathLike | dict[str, Any] | None, overrides: list[str] | None, key: str,
+          default: str) -> str:
     """A top-level value needed before the checkpoint is opened (the encoder to cut out)."""
     value = default
-    if recipe is not None:
+    if isinstance(recipe, dict):
+        value = str(recipe.get(key, value))
+    elif recipe is not None:
         from cmim.config import read_recipe
 
         value = str(read_recipe(Path(recipe).resolve()).get(key, value))
@@ -45,7 +48,7 @@ def _peek(recipe: str | os.PathLike | None, overrides: list[str] | None, key: st
     return value
 
 
-def open_source(path: str | os.PathLike | None, recipe: str | os.PathLike | None = None,
+def open_source(path: str | os.PathLike | None, recipe: str | os.PathLike | dict[str, Any] | None = None,
                 overrides: list[str] | None = None, *, raw_pixels: bool = False,
                 arch: str | os.PathLike | None = None) -> tuple[EncoderSource, DictConfig]:
     """The encoder (pre-trained or its random-init twin) and the resolved eval config for it.
