@@ -47,7 +47,7 @@ from cmim.engine.checkpoint import check_resumable, rng_state, set_rng_state
 from cmim.engine.logger import MetricsLogger
 from cmim.engine.memory import check_batch_fits, out_of_memory_error
 from cmim.engine.sampler import GlobalBatchSampler
-from cmim.engine.step import TrainStep
+from cmim.engine.step import StepResult, TrainStep
 from cmim.methods import Method, build_method, method_spec
 from cmim.models.sync_bn import convert_global_batchnorm
 
@@ -65,6 +65,56 @@ def build_optimizer(method: Method, cfg: DictConfig, device: torch.device) -> to
     groups = method.param_groups(o.weight_decay)
     fused = bool(o.fused) and device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+
+
+class StepStats:
+    """What the loop keeps between logging steps, on the device (no host sync per step): the loss and other
+    scalars summed over the window's finite steps, and the non-finite counters, read only on logging and
+    checkpoint steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.extra_sums: dict[str, torch.Tensor] = {}
+        self.bad_window = torch.zeros((), dtype=torch.long, device=device)  # skipped since the last read
+        self.bad_run = torch.zeros_like(self.bad_window)  # the current run of consecutive skipped steps
+        self.bad_worst = torch.zeros_like(self.bad_window)  # the longest such run
+        self.new_window()
+
+    def new_window(self) -> None:
+        self.loss_sum.zero_()
+        self.extra_sums = {}
+        self.steps, self.bad_steps, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, res: StepResult) -> None:
+        """A skipped step adds nothing to the means and is counted, all on the device."""
+        ok = res.ok
+        self.loss_sum += torch.where(ok, res.loss, 0.0)
+        for k, v in res.extra.items():
+            self.extra_sums[k] = self.extra_sums.get(k, 0.0) + torch.where(ok, v, 0.0)
+        bad = (~ok).long()
+        self.bad_window += bad
+        self.bad_run.add_(1).mul_(bad)  # consecutive non-finite steps: +1 after a bad one, 0 after a good one
+        torch.maximum(self.bad_worst, self.bad_run, out=self.bad_worst)
+        self.steps += 1
+
+    def read_nonfinite(self) -> tuple[int, int]:
+        """(steps skipped since the last read, the longest run of them so far): a host sync. ``ok`` is the same
+        on every process, so these counts are too."""
+        n_bad, worst = (int(x) for x in torch.stack([self.bad_window, self.bad_worst]).tolist())
+        self.bad_window.zero_()
+        self.bad_steps += n_bad
+        return n_bad, worst
+
+    def close_window(self) -> tuple[float | None, dict[str, float | None], int, float]:
+        """Means over all processes and the window's finite steps: (loss, other scalars, steps, seconds);
+        then a new window starts."""
+        n_good = self.steps - self.bad_steps
+        loss = all_reduce_mean(self.loss_sum).item() / n_good if n_good else None
+        extra = {k: all_reduce_mean(self.extra_sums[k]).item() / n_good if n_good else None
+                 for k in sorted(self.extra_sums)}
+        out = (loss, extra, self.steps, time.perf_counter() - self.t0)
+        self.new_window()
+        return out
 
 
 def encoder_meta(method: Method) -> dict[str, Any]:
@@ -220,14 +270,10 @@ class Trainer:
             cb.on_train_start(self, resumed)
         base_lr = peak_lr(cfg)
         stop = False
-        images_per_step = t.batch_size
-        train_seconds = 0.0
+        self.train_seconds = 0.0
         start_step = self.step
         self.model.train()
-        # non-finite steps: counted on the device, read on logging and checkpoint steps
-        bad_window = torch.zeros((), dtype=torch.long, device=self.device)  # skipped since the last read
-        bad_run = torch.zeros_like(bad_window)  # the current run of consecutive skipped steps
-        bad_worst = torch.zeros_like(bad_window)  # the longest such run
+        stats = StepStats(self.device)
         last_saved = self.step if resumed else None
         while self.epoch < t.epochs and not stop:
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
@@ -235,9 +281,7 @@ class Trainer:
             it = iter(self._loader())
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
                        disable=not (self.dist.is_main and t.progress), dynamic_ncols=True, leave=False)
-            loss_sum = torch.zeros((), device=self.device)
-            extra_sums: dict[str, torch.Tensor] = {}
-            n_in_window, n_bad_in_window, t_window = 0, 0, time.perf_counter()
+            stats.new_window()
             while self.step_in_epoch < self.steps_per_epoch:
                 lr = cosine_schedule(self.step, self.total_steps, base_lr, cfg.optim.min_lr, self.warmup_steps)
                 try:
@@ -245,49 +289,19 @@ class Trainer:
                 except torch.OutOfMemoryError:
                     raise out_of_memory_error(self.device, t.batch_size, t.accum_steps, self.dist.world_size,
                                               step=self.step + 1) from None
-                ok, grad_norm, extra = res.ok, res.grad_norm, res.after_step
-                # a skipped step adds nothing to the means and is counted, all on the device (no sync)
-                loss_sum += torch.where(ok, res.loss, 0.0)
-                for k, v in res.extra.items():
-                    extra_sums[k] = extra_sums.get(k, 0.0) + torch.where(ok, v, 0.0)
-                bad = (~ok).long()
-                bad_window += bad
-                bad_run.add_(1).mul_(bad)  # consecutive non-finite steps: +1 after a bad one, 0 after a good one
-                torch.maximum(bad_worst, bad_run, out=bad_worst)
+                stats.add(res)
                 self.step += 1
                 self.step_in_epoch += 1
-                n_in_window += 1
                 bar.update(1)
                 end_of_epoch = self.step_in_epoch == self.steps_per_epoch
                 stop = t.max_steps is not None and self.step >= t.max_steps
                 log_now = self.step % t.log_every_steps == 0 or end_of_epoch or stop
                 save_now = bool(t.ckpt_every_steps and self.step % t.ckpt_every_steps == 0) or end_of_epoch or stop
-                if log_now or save_now:
-                    # the host syncs, on logging and checkpoint steps only: how many steps were skipped and
-                    # the longest run of them; `ok` is the same on every process, so these counts are too
-                    n_bad, worst = (int(x) for x in torch.stack([bad_window, bad_worst]).tolist())
-                    bad_window.zero_()
+                if log_now or save_now:  # the host syncs, on logging and checkpoint steps only
+                    n_bad, worst = stats.read_nonfinite()
                     self.nonfinite_steps += n_bad
-                    n_bad_in_window += n_bad
                 if log_now:
-                    # means over all processes and the window's finite steps
-                    n_good = n_in_window - n_bad_in_window
-                    loss = all_reduce_mean(loss_sum).item() / n_good if n_good else None
-                    dt = time.perf_counter() - t_window
-                    train_seconds += dt
-                    rec = {"epoch": self.epoch, "loss": loss, "lr": lr,
-                           "img_per_s": n_in_window * images_per_step / dt, **extra}
-                    for k in sorted(extra_sums):
-                        rec[k] = all_reduce_mean(extra_sums[k]).item() / n_good if n_good else None
-                    extra_sums = {}
-                    norm = float(grad_norm)
-                    rec["grad_norm"] = norm if math.isfinite(norm) else None
-                    rec["nonfinite_steps"] = self.nonfinite_steps
-                    self.logger.log(self.step, rec)
-                    shown = f"{loss:.4f}" if loss is not None else "non-finite"
-                    bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.0f}")
-                    loss_sum.zero_()
-                    n_in_window, n_bad_in_window, t_window = 0, 0, time.perf_counter()
+                    self._log(stats, res, lr, bar)
                 if (log_now or save_now) and worst >= t.max_nonfinite_steps:
                     # nothing is saved from here on: the checkpoint on disk is the last good one
                     bar.close()
@@ -306,7 +320,24 @@ class Trainer:
             if self.step_in_epoch == 0 and any([cb.on_epoch_end(self) for cb in self.callbacks]):
                 self.save_checkpoint()  # keep what the callbacks measured with the weights
                 last_saved = self.step
-        steps_done = self.step - start_step
+        return self._finish(resumed, self.step - start_step)
+
+    def _log(self, stats: StepStats, res: StepResult, lr: float, bar: Any) -> None:
+        """One metrics record: the window's means, the step's learning rate, what after_step reported."""
+        loss, extra, steps, dt = stats.close_window()
+        self.train_seconds += dt
+        rec = {"epoch": self.epoch, "loss": loss, "lr": lr,
+               "img_per_s": steps * self.cfg.train.batch_size / dt, **res.after_step, **extra}
+        norm = float(res.grad_norm)
+        rec["grad_norm"] = norm if math.isfinite(norm) else None
+        rec["nonfinite_steps"] = self.nonfinite_steps
+        self.logger.log(self.step, rec)
+        shown = f"{loss:.4f}" if loss is not None else "non-finite"
+        bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.0f}")
+
+    def _finish(self, resumed: bool, steps_done: int) -> dict[str, Any]:
+        """Skipped images and the summary (``summary.json``)."""
+        cfg, images_per_step, train_seconds = self.cfg, self.cfg.train.batch_size, self.train_seconds
         # unreadable / oversized images: counted and listed once for the whole run (all processes, the
         # monitor's sets, and before a resume), each warned about once when first met
         all_reduce_skips(self.train_set, self.device)
