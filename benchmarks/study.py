@@ -346,7 +346,10 @@ class Study:
         want = flatten(OmegaConf.to_container(load_config(self.recipe(row), self.pretrain_overrides(row, seed)),
                                               resolve=True))
         have = flatten(OmegaConf.to_container(OmegaConf.load(stored)))
-        ignore = ("monitor.", "train.progress", "train.tensorboard", "train.resume", "data.num_workers")
+        # not part of what a run learns: logging, resuming, loader workers; and BatchNorm sync across processes,
+        # which does nothing in the study's one-process runs
+        ignore = ("monitor.", "train.progress", "train.tensorboard", "train.resume", "data.num_workers",
+                  "train.sync_bn")
         return [f"{k}: {have[k]!r} -> {want[k]!r}" for k in sorted(set(want) & set(have))
                 if not k.startswith(ignore) and have[k] != want[k]]
 
