@@ -246,7 +246,7 @@ def validate_data_input(d: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check relations between values; raise ConfigError with one line naming the key."""
-    from cmim.methods import method_spec, method_specs
+    from cmim.methods import method_specs
 
     m, d, mk, o, t = cfg.model, cfg.data, cfg.mask, cfg.optim, cfg.train
     specs = method_specs()
@@ -304,10 +304,8 @@ def validate(cfg: DictConfig) -> None:
     require(mon.feature in ("mean", "cls") or (mon.feature.startswith("grid") and mon.feature[4:].isdigit()),
              "monitor.feature: must be mean, cls or gridG (e.g. grid2)")
     require(mon.k >= 1 and mon.temperature > 0, "monitor.k/temperature: must be positive")
-    method_spec(cfg.method).validate(cfg)  # the method's own section
-    for spec in method_specs().values():
-        if spec.name != cfg.method:
-            spec.validate(cfg)  # the other sections stay checked too: a recipe may switch method=
+    for spec in specs.values():  # every section, not only the chosen method's: a recipe may switch method=
+        spec.validate(cfg)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -28,10 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cmim.core.distributed import resolve_device
+from cmim.core.knn import topk_accuracy
 from cmim.core.schedules import scaled_lr
 from cmim.data.augment import normalize
 from cmim.eval.datasets import TransformDataset, base_train_dataset, check_data_fits, eval_dataset, seed_augmentation
-from cmim.eval.linear import accuracy
 from cmim.eval.loading import EncoderSource
 from cmim.eval.timm_model import build_timm_model
 
@@ -110,7 +110,7 @@ def evaluate(model: nn.Module, cfg: DictConfig, device: torch.device) -> dict[st
         with autocast:
             logits.append(model(x).float().cpu())
         labels.append(batch["label"])
-    return accuracy(torch.cat(logits), torch.cat(labels))
+    return topk_accuracy(torch.cat(logits), torch.cat(labels))
 
 
 def finetune(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from cmim.eval.datasets import TransformDataset, base_train_dataset, eval_datase
 from cmim.eval.loading import EncoderSource
 from cmim.models import MaskedEncoder
 
-__all__ = ["LinearProbe", "accuracy", "linear_on_features", "linear_reference"]
+__all__ = ["LinearProbe", "linear_on_features", "linear_reference"]
 
 log = logging.getLogger("cmim")
 
@@ -51,15 +51,8 @@ class LinearProbe(nn.Module):
         return self.fc(self.bn(x))
 
 
-accuracy = topk_accuracy  # top-1 / top-5 of logits, in percent
-
-
-def _lr(lin: Any) -> float:
-    return scaled_lr(lin.lr, lin.blr, lin.batch_size)
-
-
 def _optimizer(head: nn.Module, lin: Any) -> tuple[torch.optim.Optimizer, float]:
-    lr = _lr(lin)
+    lr = scaled_lr(lin.lr, lin.blr, lin.batch_size)
     opt = create_optimizer_v2(head, opt="momentum" if lin.optimizer == "sgd" else "lars", lr=lr,
                               weight_decay=float(lin.weight_decay), momentum=float(lin.momentum))
     return opt, lr
@@ -113,7 +106,7 @@ def linear_on_features(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
 def _eval_features(head: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> dict[str, float]:
     head.eval()
     logits = torch.cat([head(x[i:i + 4096].to(device)).float().cpu() for i in range(0, x.shape[0], 4096)])
-    return accuracy(logits, y.cpu())
+    return topk_accuracy(logits, y.cpu())
 
 
 def linear_reference(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str, Any]:
@@ -174,4 +167,4 @@ def _eval_images(enc: MaskedEncoder, head: nn.Module, cfg: DictConfig,
             feats = MaskedEncoder.pool(enc(x), cfg.feature).float()
         logits.append(head(feats).float().cpu())
         labels.append(batch["label"])
-    return accuracy(torch.cat(logits), torch.cat(labels))
+    return topk_accuracy(torch.cat(logits), torch.cat(labels))

@@ -61,8 +61,8 @@ class MaskedEncoder(nn.Module):
     Attention kernel: timm's blocks call ``F.scaled_dot_product_attention`` when their ``fused_attn`` flag is
     set. On CUDA that is the fast path; on CPU, PyTorch's flash-attention kernel is slower than timm's
     explicit ``softmax(q k^T) v`` at ViT sequence lengths, its backward especially (measured in BENCHMARKS.md).
-    So the flag follows the device the encoder
-    lives on (:attr:`fused_attn_cpu`, :attr:`fused_attn_accel`). Both paths compute the same attention.
+    So the flag follows the device the encoder lives on (:attr:`fused_attn_cpu`, :attr:`fused_attn_accel`).
+    Both paths compute the same attention.
     """
 
     #: use SDPA on CPU (False: timm's explicit attention, faster there for training)
@@ -133,9 +133,13 @@ class MaskedEncoder(nn.Module):
         so ``backbone.set_grad_checkpointing`` works the same). Only in training with autograd on."""
         self.backbone.set_grad_checkpointing(enable)
 
-    def _checkpointing(self) -> bool:
-        return bool(getattr(self.backbone, "grad_checkpointing", False)) and self.training \
+    def _blocks(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """The transformer blocks, each under activation checkpointing when it is on (see above)."""
+        ckpt = bool(getattr(self.backbone, "grad_checkpointing", False)) and self.training \
             and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        for blk in self.backbone.blocks:
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, **kwargs) if ckpt else blk(x, **kwargs)
+        return x
 
     def _select_attention(self) -> None:
         """Set every timm attention's ``fused_attn`` flag for the device the parameters are on."""
@@ -175,12 +179,7 @@ class MaskedEncoder(nn.Module):
             x = bb._pos_embed(x)
             x = bb.patch_drop(x)
             x = bb.norm_pre(x)
-            if self._checkpointing():
-                for blk in bb.blocks:
-                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = bb.blocks(x)
-            return bb.norm(x)
+            return bb.norm(self._blocks(x))
         x = torch.cat((bb.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         if bb.pos_embed is not None:
             x = x + bb.pos_embed
@@ -191,13 +190,7 @@ class MaskedEncoder(nn.Module):
             # What SDPA's autocast does to its attn_mask; on the explicit path it keeps the (B, H, N, N)
             # scores, softmax and their backward in bf16 instead of promoting them all to fp32.
             rel_pos_bias = rel_pos_bias.to(torch.get_autocast_dtype(dev))
-        ckpt = self._checkpointing()
-        for blk in bb.blocks:
-            if ckpt:
-                x = torch.utils.checkpoint.checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, use_reentrant=False)
-            else:
-                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
-        return bb.norm(x)
+        return bb.norm(self._blocks(x, shared_rel_pos_bias=rel_pos_bias))
 
     @staticmethod
     def pool(tokens: Tensor, feature: str = "mean") -> Tensor:
