@@ -1,5 +1,6 @@
 """The GPU code paths (run by benchmarks/gpu_check.sh with `pytest -m cuda`; skipped without a GPU, as in CI):
-no host syncs in the training step, SDPA attention, fused AdamW, global BatchNorm under bf16, pinned memory."""
+no host syncs in the training step, SDPA attention, fused AdamW, global BatchNorm under bf16, pinned memory,
+nvJPEG decoding."""
 
 from __future__ import annotations
 
@@ -69,3 +70,22 @@ def test_global_batchnorm_under_bf16(tmp_path):
         assert torch.isfinite(loss).item()
     finally:
         dist.destroy_process_group()
+
+
+def test_jpeg_decode_on_the_gpu_matches_the_cpu(tmp_path):
+    """data.decode=device with nvJPEG: the same crops as CPU decoding, up to IDCT and resize rounding."""
+    from test_decode import _datasets, write_jpeg_folder
+
+    from cmim.data.decode import DeviceDecoder, collate_pretrain
+
+    root = tmp_path / "imgs"
+    write_jpeg_folder(root)
+    _, dev_set, cpu_set = _datasets(root)
+    batch = collate_pretrain([dev_set[i] for i in range(len(dev_set))])
+    batch["aug"] = batch["aug"].cuda()
+    if "crop_rows" in batch:
+        batch["crops"] = batch["crops"].cuda()
+    crops = DeviceDecoder(16, 3, "cuda", dev_set.decoded_item)(batch)
+    ref = collate_pretrain([cpu_set[i] for i in range(len(cpu_set))])["crops"]
+    assert crops.is_cuda and crops.shape == ref.shape
+    assert (crops.cpu().float() - ref.float()).abs().mean() < 2.0

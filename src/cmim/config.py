@@ -70,6 +70,9 @@ class DataConfig:
     # per file (cmim.data.datasets.held_out_mask); split names "train" and "val"/"test" then name the parts.
     val_fraction: float = 0.0
     split_seed: int = 0  # seed of that split's hash (kept with the checkpoint, so evals see the same split)
+    # pre-training on a folder: "cpu" (PIL in the loader workers) | "device" (workers read JPEG bytes and draw the
+    # crops; the step decodes them on the device, nvJPEG on CUDA: cmim.data.decode). Evaluations decode on the CPU.
+    decode: str = "cpu"
 
 
 @dataclass
@@ -273,6 +276,9 @@ def validate(cfg: DictConfig) -> None:
     validate_data_input(d)
     require(d.val_fraction == 0 or d.name == "folder",
              f"data.val_fraction: only splits data.name=folder, not {d.name} (which has its own splits)")
+    require(d.decode in ("cpu", "device"), f"data.decode: must be cpu or device, got {d.decode!r}")
+    require(d.decode == "cpu" or d.name == "folder",
+            f"data.decode=device decodes JPEG files of data.name=folder; {d.name} is held decoded in memory")
     require(mk.kind in ("block", "random"), f"mask.kind: must be block or random, got {mk.kind!r}")
     require(0.0 < mk.ratio < 1.0, f"mask.ratio: must be in (0, 1), got {mk.ratio}")
     grid = d.img_size // m.patch_size

@@ -19,6 +19,7 @@ import threading
 import weakref
 import zlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from cmim.core.io import atomic_write_text
 __all__ = [
     "DEFAULT_BACKGROUND",
     "DEFAULT_MAX_IMAGE_PIXELS",
+    "EncodedJpeg",
     "IMG_EXTENSIONS",
     "CIFAR",
     "BaseImageDataset",
@@ -61,7 +63,20 @@ FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
 
-ImageLike = Image.Image | np.ndarray
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG file's bytes and header facts, for decoding on the device (``data.decode=device``): the worker
+    reads the file and draws the crop boxes; the pixels are decoded in the training step."""
+
+    data: np.ndarray  # uint8 (num_bytes,)
+    width: int
+    height: int
+    channels: int  # what the decoder must produce: in_chans
+
+
+ImageLike = Image.Image | np.ndarray | EncodedJpeg
 
 
 class BaseImageDataset(Dataset):
@@ -340,6 +355,23 @@ def load_image(
     return out
 
 
+def read_jpeg(path: str | os.PathLike, in_chans: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+              ) -> EncodedJpeg | None:
+    """The file as :class:`EncodedJpeg` when the device decoder can take it (a JPEG of mode L or RGB, within
+    ``max_pixels``), None for anything else (PNG, CMYK JPEG, ...: decoded on the CPU as usual). Raises, like
+    :func:`load_image`, for files that cannot be read, including a JPEG cut short (no end-of-image marker):
+    the cheap checks that let a broken file be skipped in the worker instead of failing the device batch."""
+    with _open_checked(path, max_pixels) as im:
+        if im.format != "JPEG" or im.mode not in ("L", "RGB"):
+            return None
+        width, height = im.size
+    with open(path, "rb") as f:
+        data = f.read()
+    if b"\xff\xd9" not in data[-64:]:
+        raise OSError("truncated JPEG (no end-of-image marker)")
+    return EncodedJpeg(np.frombuffer(data, dtype=np.uint8), width, height, in_chans)
+
+
 def skip_reason(err: BaseException) -> str:
     return str(err) if isinstance(err, ImageTooLarge) else f"{type(err).__name__}: {err}"
 
@@ -427,17 +459,23 @@ class ImageFolderDataset(BaseImageDataset):
         self.targets = np.array([t for _, t in samples], dtype=np.int64)
         self._record = _shared_record(self.root, self.max_image_pixels, self.paths)
         self._bad = self._record.flags
+        self.keep_jpeg = False  # data.decode=device: JPEG files come back undecoded (EncodedJpeg)
 
     def _mark_bad(self, index: int, err: BaseException) -> None:
         if not self._bad[index]:
             log.warning("skipping unreadable image %s (%s)", self.paths[index], skip_reason(err))
             self._bad[index] = 1
 
-    def load(self, index: int) -> Image.Image:
-        """Decode sample ``index`` (raises for unreadable files; records nothing)."""
+    def load(self, index: int) -> Image.Image | EncodedJpeg:
+        """Decode sample ``index``, or with :attr:`keep_jpeg` read a JPEG's bytes (raises for unreadable files;
+        records nothing)."""
+        if self.keep_jpeg:
+            encoded = read_jpeg(self.paths[index], self.in_chans, self.max_image_pixels)
+            if encoded is not None:
+                return encoded
         return load_image(self.paths[index], self.in_chans, self.max_image_pixels, self.background)
 
-    def try_load(self, index: int, record: bool = True) -> Image.Image | None:
+    def try_load(self, index: int, record: bool = True) -> Image.Image | EncodedJpeg | None:
         """Load sample ``index``, or (``record``: record it as unreadable and) return None."""
         try:
             return self.load(index)
@@ -446,7 +484,7 @@ class ImageFolderDataset(BaseImageDataset):
                 self._mark_bad(index, err)
             return None
 
-    def first_readable(self, order: Iterable[int], requested: int) -> tuple[Image.Image, int]:
+    def first_readable(self, order: Iterable[int], requested: int) -> tuple[Image.Image | EncodedJpeg, int]:
         """The first readable sample of ``order``; only a failure of ``requested`` itself is recorded."""
         for i in order:
             if self._bad[i]:
@@ -456,7 +494,7 @@ class ImageFolderDataset(BaseImageDataset):
                 return img, int(self.targets[i])
         raise RuntimeError(f"no readable image left in {self.root}")
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+    def __getitem__(self, index: int) -> tuple[Image.Image | EncodedJpeg, int]:
         n = len(self.paths)
         index = int(index) % n
         return self.first_readable(((index + k) % n for k in range(n)), requested=index)
@@ -636,7 +674,7 @@ def scan_unreadable(dataset: BaseImageDataset) -> list[str]:
     return sorted(set(bad))
 
 
-def _folder_parts(dataset: Any) -> tuple[ImageFolderDataset, list[int] | None] | None:
+def folder_parts(dataset: Any) -> tuple[ImageFolderDataset, list[int] | None] | None:
     """The folder under any wrappers (views, Subset, SubsetDataset) and the selection of it (None: all)."""
     obj, indices = dataset, None
     for _ in range(8):
@@ -660,7 +698,7 @@ def _folder_parts(dataset: Any) -> tuple[ImageFolderDataset, list[int] | None] |
 def _skipped(datasets: Sequence[Any]) -> dict[str, tuple[ImageFolderDataset, int]]:
     found: dict[str, tuple[ImageFolderDataset, int]] = {}
     for ds in datasets:
-        parts = _folder_parts(ds)
+        parts = folder_parts(ds)
         if parts is None:
             continue
         base, sel = parts
@@ -688,7 +726,7 @@ def all_reduce_skips(dataset: Any, device: torch.device | str = "cpu") -> None:
     processes), so the main process reports files that only another process met."""
     import torch.distributed as dist
 
-    parts = _folder_parts(dataset)
+    parts = folder_parts(dataset)
     if parts is None or not (dist.is_available() and dist.is_initialized()):
         return
     flags = parts[0]._bad

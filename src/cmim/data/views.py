@@ -9,8 +9,9 @@ crops plus the sampled parameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
 from cmim.data.augment import NUM_PARAMS, ViewSpec, sample_photometric_params
-from cmim.data.datasets import BaseImageDataset, ImageLike, build_base_dataset
+from cmim.data.datasets import BaseImageDataset, EncodedJpeg, ImageLike, build_base_dataset, folder_parts
 
 __all__ = [
     "EvalDataset",
@@ -90,6 +91,21 @@ def _channels(img: Image.Image) -> int:
     return 1 if img.mode == "L" else 3
 
 
+@contextlib.contextmanager
+def _decoding_on_cpu(base: BaseImageDataset) -> Iterator[None]:
+    """Within: a folder under ``base`` decodes every file on the CPU, whatever ``data.decode`` says."""
+    parts = folder_parts(base)
+    folder = parts[0] if parts is not None else None
+    keep = folder.keep_jpeg if folder is not None else False
+    if folder is not None:
+        folder.keep_jpeg = False
+    try:
+        yield
+    finally:
+        if folder is not None:
+            folder.keep_jpeg = keep
+
+
 class PretrainDataset(Dataset):
     """Pre-training items: ``crops`` uint8 (num_crops, C, S, S), ``aug`` float32 (V, K), optional ``mask``
     bool (gh*gw,), ``label`` and ``index`` int64.
@@ -133,28 +149,42 @@ class PretrainDataset(Dataset):
         index = int(index)
         rng = np.random.default_rng([self.seed, self._epoch.item(), index])
         img, label = self.base[index]
-        pil = _to_pil(img)
-        width, height = pil.size
         s, spec = self.img_size, self.spec
-        crops = np.empty((spec.num_crops, s, s, _channels(pil)), dtype=np.uint8)
-        for k in range(spec.num_crops):
-            top, left, h, w = random_resized_crop_params(rng, height, width, self.crop_scale, self.log_ratio)
-            flip = rng.random() < self.hflip_prob
-            out = np.asarray(pil.resize((s, s), self.resample, box=(left, top, left + w, top + h)))
-            crops[k] = (out[:, ::-1] if flip else out).reshape(s, s, -1)
+        item: dict[str, Tensor] = {}
+        if isinstance(img, EncodedJpeg):  # data.decode=device: the same draws, the pixels come later
+            boxes = np.empty((spec.num_crops, 4), dtype=np.int64)
+            flips = np.empty(spec.num_crops, dtype=bool)
+            for k in range(spec.num_crops):
+                boxes[k] = random_resized_crop_params(rng, img.height, img.width, self.crop_scale, self.log_ratio)
+                flips[k] = rng.random() < self.hflip_prob
+            item["jpeg"] = torch.from_numpy(img.data.copy())
+            item["boxes"], item["flips"] = torch.from_numpy(boxes), torch.from_numpy(flips)
+        else:
+            pil = _to_pil(img)
+            width, height = pil.size
+            crops = np.empty((spec.num_crops, s, s, _channels(pil)), dtype=np.uint8)
+            for k in range(spec.num_crops):
+                top, left, h, w = random_resized_crop_params(rng, height, width, self.crop_scale, self.log_ratio)
+                flip = rng.random() < self.hflip_prob
+                out = np.asarray(pil.resize((s, s), self.resample, box=(left, top, left + w, top + h)))
+                crops[k] = (out[:, ::-1] if flip else out).reshape(s, s, -1)
+            item["crops"] = torch.from_numpy(crops.transpose(0, 3, 1, 2).copy())
         aug = np.empty((spec.num_views, NUM_PARAMS), dtype=np.float32)
         for v, profile in enumerate(spec.profiles):
             aug[v] = sample_photometric_params(profile, rng)
-        item = {
-            "crops": torch.from_numpy(crops.transpose(0, 3, 1, 2).copy()),
-            "aug": torch.from_numpy(aug),
-            "label": torch.scalar_tensor(label, dtype=torch.int64),
-            "index": torch.scalar_tensor(index, dtype=torch.int64),
-        }
+        item["aug"] = torch.from_numpy(aug)
+        item["label"] = torch.scalar_tensor(label, dtype=torch.int64)
+        item["index"] = torch.scalar_tensor(index, dtype=torch.int64)
         if spec.mask_generator is not None:
             mask = np.asarray(spec.mask_generator(rng), dtype=bool)
             item["mask"] = torch.from_numpy(mask.reshape(-1).copy())
         return item
+
+    def decoded_item(self, index: int) -> dict[str, Tensor]:
+        """Item ``index`` with every file decoded on the CPU: what the device decoder falls back to for a file
+        it cannot decode (the CPU then decodes it, or records it as unreadable and takes the next one)."""
+        with _decoding_on_cpu(self.base):
+            return self[index]
 
 
 class EvalDataset(Dataset):
@@ -202,9 +232,16 @@ class EvalDataset(Dataset):
 
 
 def build_pretrain_dataset(cfg: Any, split: str, spec: ViewSpec, seed: int) -> PretrainDataset:
-    """Base dataset of ``split`` wrapped with the pre-training crops/parameters described by ``cfg``."""
+    """Base dataset of ``split`` wrapped with the pre-training crops/parameters described by ``cfg``; with
+    ``cfg.decode == "device"`` a folder's JPEG files are left for the device decoder (:mod:`cmim.data.decode`)."""
+    base = build_base_dataset(cfg, split)
+    if str(getattr(cfg, "decode", "cpu")) == "device":
+        parts = folder_parts(base)
+        if parts is None:
+            raise ValueError(f"data.decode=device decodes the JPEG files of data.name=folder, not {cfg.name}")
+        parts[0].keep_jpeg = True
     return PretrainDataset(
-        build_base_dataset(cfg, split),
+        base,
         spec,
         img_size=int(cfg.img_size),
         crop_scale=tuple(cfg.crop_scale),

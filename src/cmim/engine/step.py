@@ -110,7 +110,7 @@ class TrainStep:
                  device: torch.device, *, accum_steps: int = 1, precision: str = "bf16",
                  clip_grad: float | None = None, model: Callable[..., dict[str, Tensor]] | None = None,
                  ddp: nn.Module | None = None, all_processes: Callable[[Tensor], Tensor] | None = None,
-                 seed: int = 0, rank: int = 0) -> None:
+                 seed: int = 0, rank: int = 0, decoder: Callable[[dict[str, Any]], Tensor] | None = None) -> None:
         self.method = method
         self.optimizer = optimizer
         self.view_maker = view_maker
@@ -124,10 +124,13 @@ class TrainStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.running_stats = RunningStats(method)
         self.seed, self.rank = int(seed), int(rank)
+        self.decoder = decoder
 
     def inputs(self, batch: dict[str, Any]) -> tuple[list[Tensor], Tensor | None]:
-        """A loaded (device) batch -> the method's inputs: the finished views and the patch mask."""
-        return self.view_maker(batch["crops"], batch["aug"]), batch.get("mask")
+        """A loaded (device) batch -> the method's inputs: the finished views and the patch mask. ``decoder``
+        (``data.decode=device``) first turns the batch's JPEG bytes into crops."""
+        crops = self.decoder(batch) if self.decoder is not None else batch["crops"]
+        return self.view_maker(crops, batch["aug"]), batch.get("mask")
 
     def forward(self, batch: dict[str, Any], model: Callable[..., dict[str, Tensor]] | None = None
                 ) -> dict[str, Tensor]:

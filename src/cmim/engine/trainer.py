@@ -30,7 +30,7 @@ import torch
 import torch.distributed as tdist
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cmim.config import to_yaml
@@ -41,6 +41,7 @@ from cmim.core.schedules import cosine_schedule, scaled_lr
 from cmim.core.weights import load_checkpoint
 from cmim.data.augment import ViewMaker
 from cmim.data.datasets import all_reduce_skips, read_skip_list, skip_report, write_skip_list
+from cmim.data.decode import DeviceDecoder, collate_pretrain
 from cmim.data.views import build_pretrain_dataset
 from cmim.engine.callbacks import Callback
 from cmim.engine.checkpoint import check_resumable, rng_state, set_rng_state
@@ -156,10 +157,13 @@ class Trainer:
         self.forward = torch.compile(self.model) if t.compile else self.model
         d = cfg.data
         self.view_maker = ViewMaker(spec, d.mean, d.std, d.in_chans).to(self.device)
+        decoder = (DeviceDecoder(d.img_size, d.in_chans, self.device, self.train_set.decoded_item, d.interpolation)
+                   if d.decode == "device" else None)
         self.train_step = TrainStep(self.method, self.optimizer, self.view_maker, self.device,
                                     accum_steps=t.accum_steps, precision=t.precision, clip_grad=cfg.optim.clip_grad,
                                     model=self.forward, ddp=self.model if self.dist.enabled else None,
-                                    all_processes=self._all_processes, seed=t.seed, rank=self.dist.rank)
+                                    all_processes=self._all_processes, seed=t.seed, rank=self.dist.rank,
+                                    decoder=decoder)
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -240,8 +244,8 @@ class Trainer:
         t, nw = self.cfg.train, self.cfg.data.num_workers
         in_flight = (nw * 4 if nw > 0 else 0) + 1  # the loader's prefetch (prefetch_factor 4) + the batch in use
 
-        def make_batch(n: int) -> dict[str, Any]:
-            return default_collate([self.train_set[i % len(self.train_set)] for i in range(n)])
+        def make_batch(n: int) -> dict[str, Any]:  # decoded crops (data.decode=device too): the estimate slices them
+            return collate_pretrain([self.train_set.decoded_item(i % len(self.train_set)) for i in range(n)])
 
         def reduce_min(x: float) -> float:
             return float(self._all_processes(torch.tensor(x, device=self.device) > 0.5))
@@ -256,7 +260,7 @@ class Trainer:
     # --- training ---------------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         nw = self.cfg.data.num_workers
-        return DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=nw,
+        return DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate_pretrain,
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
                           prefetch_factor=4 if nw > 0 else None,
                           generator=torch.Generator())  # keeps the global RNG untouched (exact resume)
