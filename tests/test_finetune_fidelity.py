@@ -208,3 +208,16 @@ def test_per_block_leaves_an_encoder_without_shared_table_as_is(vit):
     torch.manual_seed(7)
     b = build_finetune_model(vit, _ft(), CLASSES).state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("head_norm", ["pretrained", "fc_norm"])
+def test_beit_head_starts_at_beits_init_scale(beit, head_norm):
+    """BEiT/ConMIM --init_scale 0.001: the new head is trunc-normal(std 0.02) scaled by 0.001 (timm's Beit does it,
+    head_init_scale=0.001), so the fine-tune starts from near-zero logits; the plain ViT head is timm's own."""
+    torch.manual_seed(0)
+    model = build_finetune_model(beit, _ft(head_norm=head_norm), CLASSES)
+    w = model.head.weight
+    assert w.shape == (CLASSES, DIM)
+    assert 0.3 * 0.02 * 1e-3 < w.std().item() < 2.0 * 0.02 * 1e-3
+    assert w.abs().max().item() < 6 * 0.02 * 1e-3  # a scaled normal, not a unit-scale head
+    assert model.head.bias.abs().max().item() == 0.0
