@@ -32,6 +32,18 @@ def test_bench_tiny_conmim(tmp_path, capsys):
     assert not any("view_maker" in k for k in by)
 
 
+def test_bench_times_device_decode_of_jpeg_files(tmp_path, capsys):
+    """--data-decode device: the workers' share per core, and the step's JPEG decoding (here on the CPU)."""
+    argv = ["bench", *tiny_overrides(tmp_path, "train.batch_size=8"), "--steps", "1", "--warmup", "0",
+            "--rounds", "1", "--data-items", "16", "--no-peak", "--data-source", "jpeg", "--data-decode", "device"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(lines[-1])
+    assert "decode on the device" in res["data_source"]
+    assert res["device_decode_img_per_s"] > 0 and res["data_items_per_s_per_core"] > 0
+    assert any(line.startswith("JPEG decode (device)") for line in lines)
+
+
 def test_cpu_sdpa_flops_are_counted():
     b, h, n, d = 2, 3, 10, 8
     q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))

@@ -249,9 +249,12 @@ def _jpeg_folder(root: Path, count: int, in_chans: int) -> None:
         img.save(root / f"c{i % 4}" / f"{i:05d}.jpg", quality=90)
 
 
-def data_pipeline(cfg: DictConfig, spec: Any, items: int, source: str) -> dict[str, Any]:
+def data_pipeline(cfg: DictConfig, spec: Any, items: int, source: str,
+                  device: torch.device | None = None, decode: str | None = None) -> dict[str, Any]:
     """``PretrainDataset`` items/s in this process (one core): read+decode, crop+resize, flip, photometric
-    parameters of every view and the mask. ``source``: the recipe's dataset, JPEG files, or procedural."""
+    parameters of every view and the mask. ``source``: the recipe's dataset, JPEG files, or procedural. With
+    ``decode="device"`` (default: ``data.decode``) on files, the per-core rate is the workers' share (read the
+    bytes, draw the crops), and ``device_decode_img_per_s`` times the step's decoding of 64 of them on ``device``."""
     from cmim.data.datasets import ImageFolderDataset, SyntheticDataset, build_base_dataset
     from cmim.data.views import PretrainDataset
 
@@ -276,6 +279,12 @@ def data_pipeline(cfg: DictConfig, spec: Any, items: int, source: str) -> dict[s
     elif base is None:
         base = SyntheticDataset(max(items, 1), max(2, d.synthetic_classes), d.img_size, d.in_chans)
         label = "procedural (rendered per item)"
+    decode = decode or str(getattr(d, "decode", "cpu"))
+    on_device = decode == "device" and isinstance(base, ImageFolderDataset)
+    if on_device:
+        base.keep_jpeg = True
+        label += ", decode on the device"
+    out: dict[str, Any] = {"source": label, "items": items}
     try:
         ds = PretrainDataset(base, spec, d.img_size, d.crop_scale, d.crop_ratio, d.interpolation,
                              d.hflip_prob)
@@ -286,10 +295,22 @@ def data_pipeline(cfg: DictConfig, spec: Any, items: int, source: str) -> dict[s
         for i in range(items):
             ds[(i * 7919) % n]
         sec = time.perf_counter() - t0
+        out["items_per_s_per_core"] = items / sec if sec > 0 else math.inf
+        if on_device:
+            from cmim.data.decode import DeviceDecoder, collate_pretrain
+
+            dev = device or torch.device("cpu")
+            batch = collate_pretrain([ds[i % n] for i in range(min(max(items, 1), 64))])
+            batch["aug"] = batch["aug"].to(dev)
+            if "crop_rows" in batch:
+                batch["crops"] = batch["crops"].to(dev)
+            decoder = DeviceDecoder(d.img_size, d.in_chans, dev, ds.decoded_item, d.interpolation)
+            per_batch = min(_timeit(lambda: decoder(batch), dev, 3))
+            out["device_decode_img_per_s"] = batch["aug"].shape[0] / per_batch
     finally:
         if tmp is not None:
             tmp.cleanup()
-    return {"source": label, "items": items, "items_per_s_per_core": items / sec if sec > 0 else math.inf}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -377,7 +398,7 @@ def load_bench_config(config: str | None, overrides: list[str],
 
 def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int = 3, data_items: int = 256,
               data_source: str = "auto", peak: bool = True, peak_sizes: list[int] | None = None,
-              profile_steps: int = 0, profile_rows: int = 25) -> dict[str, Any]:
+              profile_steps: int = 0, profile_rows: int = 25, data_decode: str | None = None) -> dict[str, Any]:
     """Measure everything; returns the result dict (also what the JSON line holds)."""
     from cmim.core.distributed import resolve_device
 
@@ -429,7 +450,9 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
         res["mfu"] = res["achieved_tflops"] / ref
         res["peak_sizes"] = peak_sizes
     if data_items > 0:
-        dp = data_pipeline(cfg, runner.method.view_spec(), data_items, data_source)
+        dp = data_pipeline(cfg, runner.method.view_spec(), data_items, data_source, device, data_decode)
+        if "device_decode_img_per_s" in dp:
+            res["device_decode_img_per_s"] = dp["device_decode_img_per_s"]
         res["data_source"] = dp["source"]
         res["data_items_per_s_per_core"] = dp["items_per_s_per_core"]
         # cores the loader needs to keep up with this step (on a CPU-only run they are taken from compute)
@@ -470,6 +493,8 @@ def format_table(r: dict[str, Any]) -> str:
     if "data_items_per_s_per_core" in r:
         rows.append(("data pipeline", f"{r['data_items_per_s_per_core']:.0f} items/s per core "
                                       f"[{r['data_source']}]; {r['data_cores_needed']:.2f} cores to keep up"))
+    if "device_decode_img_per_s" in r:
+        rows.append(("JPEG decode (device)", f"{r['device_decode_img_per_s']:.0f} img/s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -484,7 +509,7 @@ def _run(args: argparse.Namespace) -> int:
                         data_source=source, peak=not args.no_peak,
                         peak_sizes=[int(n) for n in args.peak_sizes.split(",")] if args.peak_sizes else None,
                         profile_steps=args.profile,
-                        profile_rows=args.profile_rows)
+                        profile_rows=args.profile_rows, data_decode=args.data_decode)
     except torch.OutOfMemoryError:
         from cmim.core.distributed import resolve_device
         from cmim.engine.memory import out_of_memory_error
@@ -514,6 +539,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--data-items", type=int, default=256, help="items for the data-pipeline timing (0: skip)")
     p.add_argument("--data-source", choices=("auto", "recipe", "jpeg", "synthetic"), default="auto",
                    help="data timed: the recipe's dataset (auto falls back to JPEG files when it is missing)")
+    p.add_argument("--data-decode", choices=("cpu", "device"), default=None,
+                   help="time the loader as with data.decode=cpu|device (default: the recipe's); device: the "
+                        "workers read JPEG bytes, and the step's decoding on the device is timed too")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak (no MFU)")
     p.add_argument("--peak-sizes", default=None, metavar="N,N",
                    help="square matmul sizes for the peak (default 2048,4096 on CPU, 4096,8192 on GPU)")
