@@ -161,3 +161,12 @@ def test_incompatible_checkpoint_is_one_line_error(tmp_path):
     cmd2 = cmd[:-1] + [f"train.resume={tmp_path / 'bad.pt'}"]
     r = subprocess.run(cmd2, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_compiled_forward_is_the_steps_model(tiny_cfg):
+    """train.compile=true: the step runs the compiled module (building it must not call the module's __bool__,
+    which a compiled module answers with a TypeError); compilation itself is lazy, so this costs nothing."""
+    from cmim.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_cfg("train.compile=true"))
+    assert trainer.train_step.model is trainer.forward and trainer.forward is not trainer.method

@@ -117,7 +117,7 @@ class TrainStep:
         self.device = device
         self.accum_steps = int(accum_steps)
         self.clip_grad = clip_grad
-        self.model = model or method
+        self.model = model if model is not None else method  # not `or`: a compiled module has no __bool__
         self.ddp = ddp
         self.all_processes = all_processes or (lambda flag: flag)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -137,7 +137,7 @@ class TrainStep:
         """The method's outputs on one device batch, under the step's autocast (no backward)."""
         views, mask = self.inputs(batch)
         with self.autocast:
-            return (model or self.model)(views, mask)
+            return (model if model is not None else self.model)(views, mask)
 
     def __call__(self, micro_batches: Iterable[dict[str, Any]], step: int, total_steps: int, lr: float,
                  model: Callable[..., dict[str, Tensor]] | None = None) -> StepResult:
