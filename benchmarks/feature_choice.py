@@ -56,9 +56,9 @@ def block_features(enc: MaskedEncoder, x_u8: Tensor) -> dict[tuple[str, str], Te
     outs: dict[int, Tensor] = {}
     hooks = [b.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(k, o))
              for k, b in enumerate(enc.backbone.blocks)]
-    wanted = {("last", f): None for f in ("cls", "mean", "grid2", "grid3", "grid4")}
-    wanted |= {(str(k), f): None for k in (3, 4) for f in ("grid3", "grid4")}
-    res: dict[tuple[str, str], list[Tensor]] = {key: [] for key in wanted}
+    keys = [("last", f) for f in ("cls", "mean", "grid2", "grid3", "grid4")]
+    keys += [(str(k), f) for k in (3, 4) for f in ("grid3", "grid4")]
+    res: dict[tuple[str, str], list[Tensor]] = {key: [] for key in keys}
     for s in range(0, len(x_u8), 1000):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             last = enc(normalize(x_u8[s:s + 1000], MEAN, STD))

@@ -298,12 +298,10 @@ def data_pipeline(cfg: DictConfig, spec: Any, items: int, source: str,
         out["items_per_s_per_core"] = items / sec if sec > 0 else math.inf
         if on_device:
             from cmim.data.decode import DeviceDecoder, collate_pretrain
+            from cmim.engine.step import to_device
 
             dev = device or torch.device("cpu")
-            batch = collate_pretrain([ds[i % n] for i in range(min(max(items, 1), 64))])
-            batch["aug"] = batch["aug"].to(dev)
-            if "crop_rows" in batch:
-                batch["crops"] = batch["crops"].to(dev)
+            batch = to_device(collate_pretrain([ds[i % n] for i in range(min(max(items, 1), 64))]), dev)
             decoder = DeviceDecoder(d.img_size, d.in_chans, dev, ds.decoded_item, d.interpolation)
             per_batch = min(_timeit(lambda: decoder(batch), dev, 3))
             out["device_decode_img_per_s"] = batch["aug"].shape[0] / per_batch

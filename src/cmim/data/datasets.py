@@ -64,7 +64,6 @@ FASHION_MNIST_CLASSES = [
 ]  # fmt: skip
 
 
-
 @dataclass(frozen=True)
 class EncodedJpeg:
     """A JPEG file's bytes and header facts, for decoding on the device (``data.decode=device``): the worker
@@ -73,7 +72,6 @@ class EncodedJpeg:
     data: np.ndarray  # uint8 (num_bytes,)
     width: int
     height: int
-    channels: int  # what the decoder must produce: in_chans
 
 
 ImageLike = Image.Image | np.ndarray | EncodedJpeg
@@ -355,8 +353,7 @@ def load_image(
     return out
 
 
-def read_jpeg(path: str | os.PathLike, in_chans: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-              ) -> EncodedJpeg | None:
+def read_jpeg(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> EncodedJpeg | None:
     """The file as :class:`EncodedJpeg` when the device decoder can take it (a JPEG of mode L or RGB, within
     ``max_pixels``), None for anything else (PNG, CMYK JPEG, ...: decoded on the CPU as usual). Raises, like
     :func:`load_image`, for files that cannot be read, including a JPEG cut short (no end-of-image marker):
@@ -369,7 +366,7 @@ def read_jpeg(path: str | os.PathLike, in_chans: int, max_pixels: int | None = D
         data = f.read()
     if b"\xff\xd9" not in data[-64:]:
         raise OSError("truncated JPEG (no end-of-image marker)")
-    return EncodedJpeg(np.frombuffer(data, dtype=np.uint8), width, height, in_chans)
+    return EncodedJpeg(np.frombuffer(data, dtype=np.uint8), width, height)
 
 
 def skip_reason(err: BaseException) -> str:
@@ -470,7 +467,7 @@ class ImageFolderDataset(BaseImageDataset):
         """Decode sample ``index``, or with :attr:`keep_jpeg` read a JPEG's bytes (raises for unreadable files;
         records nothing)."""
         if self.keep_jpeg:
-            encoded = read_jpeg(self.paths[index], self.in_chans, self.max_image_pixels)
+            encoded = read_jpeg(self.paths[index], self.max_image_pixels)
             if encoded is not None:
                 return encoded
         return load_image(self.paths[index], self.in_chans, self.max_image_pixels, self.background)

@@ -150,23 +150,23 @@ class PretrainDataset(Dataset):
         rng = np.random.default_rng([self.seed, self._epoch.item(), index])
         img, label = self.base[index]
         s, spec = self.img_size, self.spec
+        encoded = isinstance(img, EncodedJpeg)
+        if not encoded:
+            img = _to_pil(img)
+        width, height = (img.width, img.height) if encoded else img.size
+        boxes = np.empty((spec.num_crops, 4), dtype=np.int64)  # (top, left, h, w) per crop
+        flips = np.empty(spec.num_crops, dtype=bool)
+        for k in range(spec.num_crops):
+            boxes[k] = random_resized_crop_params(rng, height, width, self.crop_scale, self.log_ratio)
+            flips[k] = rng.random() < self.hflip_prob
         item: dict[str, Tensor] = {}
-        if isinstance(img, EncodedJpeg):  # data.decode=device: the same draws, the pixels come later
-            boxes = np.empty((spec.num_crops, 4), dtype=np.int64)
-            flips = np.empty(spec.num_crops, dtype=bool)
-            for k in range(spec.num_crops):
-                boxes[k] = random_resized_crop_params(rng, img.height, img.width, self.crop_scale, self.log_ratio)
-                flips[k] = rng.random() < self.hflip_prob
+        if encoded:  # data.decode=device: the same draws, the pixels come in the step
             item["jpeg"] = torch.from_numpy(img.data.copy())
             item["boxes"], item["flips"] = torch.from_numpy(boxes), torch.from_numpy(flips)
         else:
-            pil = _to_pil(img)
-            width, height = pil.size
-            crops = np.empty((spec.num_crops, s, s, _channels(pil)), dtype=np.uint8)
-            for k in range(spec.num_crops):
-                top, left, h, w = random_resized_crop_params(rng, height, width, self.crop_scale, self.log_ratio)
-                flip = rng.random() < self.hflip_prob
-                out = np.asarray(pil.resize((s, s), self.resample, box=(left, top, left + w, top + h)))
+            crops = np.empty((spec.num_crops, s, s, _channels(img)), dtype=np.uint8)
+            for k, ((top, left, h, w), flip) in enumerate(zip(boxes.tolist(), flips.tolist(), strict=True)):
+                out = np.asarray(img.resize((s, s), self.resample, box=(left, top, left + w, top + h)))
                 crops[k] = (out[:, ::-1] if flip else out).reshape(s, s, -1)
             item["crops"] = torch.from_numpy(crops.transpose(0, 3, 1, 2).copy())
         aug = np.empty((spec.num_views, NUM_PARAMS), dtype=np.float32)
