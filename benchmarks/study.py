@@ -22,12 +22,17 @@ Budget: every pre-training row costs up to 30 min per seed (MimCo: its own run p
 four main rows over 3 seeds are up to about 6 h of pre-training on 2 cores, plus the evaluations (each encoder: one
 feature extraction of 70k images, the probes, three fine-tunes).
 
-Resuming: everything lands in --work (default benchmarks/study_runs, ignored by git). A pre-training run that
-finished is reused; one that was interrupted is continued exactly (`cmim pretrain` resumes from its last
-checkpoint, train.resume=auto); each (seed, eval row, metric) result is its own JSON file, reused while the
-checkpoint, the recipe and the overrides that made it are unchanged. So re-invoke the same command after an
-interruption. A run directory made with a different pre-training config stops the study with one line rather
-than being mixed in or overwritten. Every step is logged with a timestamp to <work>/study.log and stdout.
+Resuming: runs land in --work (default benchmarks/study_runs, ignored by git: checkpoints, logs, cached features).
+A pre-training run that finished is reused; one that was interrupted is continued exactly (`cmim pretrain`
+resumes from its last checkpoint, train.resume=auto). What the tables are made of lands in --records (default
+benchmarks/study_records, committed, a few KB): each (seed, eval row, metric) result is its own JSON file, reused
+while the weights, the recipe and the overrides that made it are unchanged; each finished pre-training run leaves
+a record of its checkpoint's sha256, a fingerprint of its config and its training time. So a sitting whose --work
+was lost loses no result: a row whose results are all recorded is not pre-trained again, unless a row that
+depends on it (MimCo on its MoCo v3 teacher) has to be, in which case both are re-run and re-evaluated (the new
+checkpoint has another sha256). Re-invoke the same command after an interruption. A run directory made with a
+different pre-training config stops the study with one line rather than being mixed in or overwritten. Every
+step is logged with a timestamp to <work>/study.log and stdout.
 """
 
 from __future__ import annotations
@@ -76,6 +81,11 @@ QUICK_RECIPES: dict[str, str] = {
     "mimco_fmnist_30min.yaml": "mimco_fmnist_cpu.yaml",
 }
 QUICK_PRETRAIN: list[str] = ["data.subset=2000", "train.epochs=1"]
+# config keys that are not part of what a pre-training run learns: logging, resuming, loader workers; and BatchNorm
+# sync across processes, which does nothing in the study's one-process runs
+RUN_IGNORE = ("monitor.", "train.progress", "train.tensorboard", "train.resume", "data.num_workers", "train.sync_bn")
+# ... and the paths, which differ between machines and work dirs (the teacher is identified by its sha256)
+RUN_PATHS = ("train.out_dir", "data.root", "mimco.teacher")
 # every pre-training run of the study (beside train.seed, train.out_dir, data.root): the study evaluates the
 # encoders itself, so the online k-NN monitor is off (it does not change training, only the wall time)
 PRETRAIN_COMMON: list[str] = ["monitor.every_epochs=0", "train.progress=false", "train.tensorboard=false"]
@@ -243,6 +253,8 @@ class Study:
         self.seeds: list[int] = args.seeds or ([0] if self.quick else [0, 1, 2])
         self.work: Path = (args.work or (Path("/tmp/cmim_study_quick") if self.quick
                                          else BENCH / "study_runs")).resolve()
+        self.records: Path = (args.records or (self.work / "records" if self.quick else BENCH / "study_records")
+                              ).resolve()
         self.out_dir = self.work if self.quick else BENCH  # RESULTS.md, results.json, study.png
         self.pretrain_rows = dict(PRETRAIN, **(ABLATIONS if args.ablations else {}))
         self.all_pretrain = dict(PRETRAIN, **ABLATIONS)
@@ -252,6 +264,7 @@ class Study:
         self.t_start = time.perf_counter()
         self._sha: dict[Path, str] = {}
         self._diff: dict[tuple[str, int], list[str]] = {}
+        self._config_fp: dict[tuple[str, int], str] = {}
         self._warned: set[tuple[str, int]] = set()
         self.log_path = self.work / "study.log"
 
@@ -347,12 +360,83 @@ class Study:
         want = flatten(OmegaConf.to_container(load_config(self.recipe(row), self.pretrain_overrides(row, seed)),
                                               resolve=True))
         have = flatten(OmegaConf.to_container(OmegaConf.load(stored)))
-        # not part of what a run learns: logging, resuming, loader workers; and BatchNorm sync across processes,
-        # which does nothing in the study's one-process runs
-        ignore = ("monitor.", "train.progress", "train.tensorboard", "train.resume", "data.num_workers",
-                  "train.sync_bn")
         return [f"{k}: {have[k]!r} -> {want[k]!r}" for k in sorted(set(want) & set(have))
-                if not k.startswith(ignore) and have[k] != want[k]]
+                if not k.startswith(RUN_IGNORE) and have[k] != want[k]]
+
+    def config_fingerprint(self, row: str, seed: int | str) -> str:
+        """What a pre-training run learns from, wherever it runs: its resolved config less RUN_IGNORE and RUN_PATHS."""
+        if (row, seed) not in self._config_fp:
+            from omegaconf import OmegaConf
+
+            from cmim.config import Config, merge_config
+
+            # not validated: MimCo's teacher file need not exist (its weights are named by the record's sha256)
+            cfg = flatten(OmegaConf.to_container(merge_config(Config, [], self.recipe(row),
+                                                              self.pretrain_overrides(row, seed), lambda c: None),
+                                                 resolve=True))
+            kept = {k: v for k, v in cfg.items() if not k.startswith(RUN_IGNORE) and k not in RUN_PATHS}
+            self._config_fp[(row, seed)] = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str)
+                                                          .encode()).hexdigest()
+        return self._config_fp[(row, seed)]
+
+    def has_checkpoint(self, row: str, seed: int) -> bool:
+        """A finished run of the config the study would run now is in --work."""
+        return self.finished(row, seed) is not None and not self.config_diff(row, seed)
+
+    def record_path(self, row: str, seed: int | str) -> Path:
+        return self.records / f"seed{seed}" / "pretrain" / f"{slug(row)}.json"
+
+    def record(self, row: str, seed: int) -> dict[str, Any] | None:
+        """The committed record of the row's pre-training run, if it was made with the config the study would run
+        now (and, for MimCo, from the teacher whose weights are current)."""
+        rec = read_json(self.record_path(row, seed))
+        if not rec or rec.get("config_fingerprint") != self.config_fingerprint(row, seed):
+            return None
+        dep = self.all_pretrain[row][2]
+        if dep is not None and rec.get("teacher_sha256") != self.weights(dep, seed):
+            return None
+        return rec
+
+    def weights(self, row: str, seed: int) -> str | None:
+        """The sha256 of the row's pre-trained weights for this seed: of the checkpoint in --work when it is there
+        (its record is written or renewed from it), else of the recorded run; None when there is neither."""
+        if self.has_checkpoint(row, seed):
+            self.write_record(row, seed)
+            return self.checkpoint_sha(row, seed)
+        rec = self.record(row, seed)
+        return rec["checkpoint_sha256"] if rec else None
+
+    def write_record(self, row: str, seed: int) -> None:
+        sha, fp = self.checkpoint_sha(row, seed), self.config_fingerprint(row, seed)
+        path = self.record_path(row, seed)
+        old = read_json(path)
+        if old and old.get("checkpoint_sha256") == sha and old.get("config_fingerprint") == fp:
+            return
+        dep = self.all_pretrain[row][2]
+        s = self.finished(row, seed)
+        assert s is not None
+        t = self.pretrain_time(row, seed)
+        cmd = f"cmim pretrain {rel(self.recipe(row))} " + " ".join(self.pretrain_overrides(row, seed))
+        write_json(path, {"row": row, "seed": seed, "checkpoint_sha256": sha,
+                          "teacher_sha256": self.weights(dep, seed) if dep else None, "config_fingerprint": fp,
+                          "steps": s["steps"], "seconds": t["seconds"], "img_per_s": t["img_per_s"],
+                          "timing": t["source"], "machine": machine(), "command": show(cmd)})
+
+    def metrics_of(self, name: str) -> list[str]:
+        return KIND_METRICS[self.all_evals[name][3]]
+
+    def complete(self, row: str, seed: int) -> bool:
+        """Every evaluation of the row's encoders for this seed is recorded (so its checkpoint is not needed)."""
+        return all(self.cached(e, m, seed) for e, (src, _, _, kind) in self.eval_rows.items()
+                   if kind == "pretrained" and src == row for m in self.metrics_of(e))
+
+    def needs_run(self, row: str, seed: int, rows: list[str]) -> bool:
+        """Whether this sitting needs the row's checkpoint in --work: it has no recorded run, some of its results
+        are missing, or a row of this sitting that depends on it has to be pre-trained."""
+        if self.weights(row, seed) is None or not self.complete(row, seed):
+            return True
+        return any(self.all_pretrain[d][2] == row and not self.has_checkpoint(d, seed) and self.needs_run(d, seed, rows)
+                   for d in rows)
 
     def finished(self, row: str, seed: int) -> dict[str, Any] | None:
         out = self.run_dir(row, seed)
@@ -370,6 +454,7 @@ class Study:
                              f"another --work")
         if self.finished(row, seed):
             self.log(f"seed {seed} {row}: pre-training finished earlier, reused ({rel(out)})")
+            self.weights(row, seed)  # its record
             return
         cmd = [sys.executable, "-m", "cmim.cli", "pretrain", str(self.recipe(row)), *self.pretrain_overrides(row, seed)]
         out.mkdir(parents=True, exist_ok=True)
@@ -404,6 +489,8 @@ class Study:
         if s is None:
             raise StudyError(f"seed {seed} {row}: pre-training ended without finishing its steps; see "
                              f"{rel(out / 'pretrain.log')}")
+        self._sha.pop((out / "checkpoint.pt").resolve(), None)
+        self.weights(row, seed)  # its record
         t = self.pretrain_time(row, seed)
         self.log(f"seed {seed} {row}: pre-trained {s['steps']} steps in {t['seconds'] / 60:.1f} min of training "
                  f"({t['img_per_s']:.0f} img/s; {(time.perf_counter() - t0) / 60:.1f} min wall)")
@@ -477,9 +564,9 @@ class Study:
         source = self.all_evals[name][0]
         if spec["kind"] == "pretrained":
             assert source is not None
-            if not self.finished(source, seed) or self.config_diff(source, seed):
+            weights = self.weights(source, seed)
+            if weights is None:
                 return None
-            weights = self.checkpoint_sha(source, seed)
         elif spec["arch"] is not None:  # fresh weights: only the architecture and data sections matter
             recipe = json.loads(parsed_recipe(spec["arch"]))
             weights = json.dumps({k: recipe.get(k) for k in ("model", "data")}, sort_keys=True)
@@ -490,14 +577,22 @@ class Study:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def result_path(self, name: str, metric: str, seed: int) -> Path:
-        return self.work / f"seed{seed}" / "eval" / slug(name) / f"{metric}.json"
+        return self.records / f"seed{seed}" / "eval" / slug(name) / f"{metric}.json"
 
     def cached(self, name: str, metric: str, seed: int) -> dict[str, Any] | None:
-        r = read_json(self.result_path(name, metric, seed))
-        if not r:
+        path = self.result_path(name, metric, seed)
+        # where results were kept before they were committed: moved into the records when still valid
+        legacy = self.work / f"seed{seed}" / "eval" / slug(name) / f"{metric}.json"
+        found = [(p, r) for p in (path, legacy) if (r := read_json(p))]
+        if not found:
             return None
         fp = self.fingerprint(name, self.eval_spec(name, metric, seed), seed)
-        return r if fp is not None and r.get("fingerprint") == fp else None
+        for p, r in found:
+            if fp is not None and r.get("fingerprint") == fp:
+                if p != path:
+                    write_json(path, r)
+                return r
+        return None
 
     def evaluate(self, name: str, seed: int) -> None:
         from cmim.eval.run import open_source, run_eval
@@ -523,14 +618,16 @@ class Study:
             res = run_eval(spec["protocol"], src, cfg, write=False)
             secs = time.perf_counter() - t0
             write_json(path, {"row": name, "metric": metric, "seed": seed, "top1": res["top1"], "top5": res["top5"],
-                              "seconds": secs, "fingerprint": fp, "command": cmd, "result": res})
+                              "seconds": secs, "fingerprint": fp, "command": show(cmd), "machine": machine(),
+                              "result": res})
             self.log(f"seed {seed} {name} {metric}: top-1 {res['top1']:.2f}% ({secs:.0f} s)")
 
     # --- gathering and reporting -----------------------------------------------------------------------------
     def gather(self) -> dict[str, Any]:
         """Everything valid in --work: per eval row, metric -> [(seed, top-1)], and timings."""
         rows: dict[str, dict[str, list[tuple[int, float]]]] = {}
-        eval_seconds = 0.0
+        eval_seconds, untimed = 0.0, 0
+        machines: dict[str, set[int]] = {}  # where the results were made -> seeds
         for name, (_, _, _, kind) in self.all_evals.items():
             got: dict[str, list[tuple[int, float]]] = {}
             for seed in self.seeds:
@@ -538,22 +635,24 @@ class Study:
                     r = self.cached(name, metric, seed)
                     if r:
                         got.setdefault(metric, []).append((seed, float(r["top1"])))
-                        eval_seconds += float(r.get("seconds", 0.0))
+                        eval_seconds += float(r.get("seconds") or 0.0)
+                        untimed += r.get("seconds") is None
+                        machines.setdefault(r.get("machine") or "?", set()).add(seed)
             if got:
                 rows[name] = got
         own: dict[str, dict[int, dict[str, float]]] = {}
         for row in self.all_pretrain:
             for seed in self.seeds:
-                if not self.finished(row, seed):
-                    continue
-                diff = self.config_diff(row, seed)
-                if not diff:
-                    own.setdefault(row, {})[seed] = self.pretrain_time(row, seed)
-                elif (row, seed) not in self._warned:
+                if self.weights(row, seed) is not None:
+                    rec = self.record(row, seed)
+                    assert rec is not None
+                    own.setdefault(row, {})[seed] = {"seconds": float(rec["seconds"]), "img_per_s": rec["img_per_s"]}
+                diff = self.finished(row, seed) and self.config_diff(row, seed)
+                if diff and (row, seed) not in self._warned:
                     self._warned.add((row, seed))
                     more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
                     self.log(f"seed {seed} {row}: {rel(self.run_dir(row, seed))} was pre-trained with another config "
-                             f"({diff[0]}{more}); its results are left out")
+                             f"({diff[0]}{more}); it is not used")
 
         def total(row: str, seed: int) -> float | None:
             t = own.get(row, {}).get(seed)
@@ -575,9 +674,11 @@ class Study:
                 if tot is not None:
                     m["total"].append((seed, tot / 60))
                 m["own"].append((seed, t["seconds"] / 60))
-                m["img_per_s"].append((seed, t["img_per_s"]))
+                if t["img_per_s"]:  # not kept for the runs imported from an older results.json
+                    m["img_per_s"].append((seed, t["img_per_s"]))
         pre_seconds = sum(t["seconds"] for r in own.values() for t in r.values())
-        return {"rows": rows, "minutes": minutes, "eval_seconds": eval_seconds, "pretrain_seconds": pre_seconds}
+        return {"rows": rows, "minutes": minutes, "eval_seconds": eval_seconds, "pretrain_seconds": pre_seconds,
+                "untimed": untimed, "machines": machines}
 
     def random_init_claims(self) -> list[tuple[str, str, str, str, list[str], float]]:
         src, _, feat, _ = self.all_evals["random init"] if "random init" in self.all_evals else (None,) * 4
@@ -608,11 +709,18 @@ class Study:
         mins = (g["pretrain_seconds"] + g["eval_seconds"]) / 60
         quick = " --quick" if self.quick else ""
         L = ["# Does self-supervised pre-training pay off at CPU scale? (Fashion-MNIST, 2 CPU cores)", ""]
-        L += [f"Made by `python benchmarks/study.py{quick}` on {machine()}, seeds {self.seeds}: {mins:.0f} min of "
+        where = "; ".join(f"{m} (seed{'s' if len(sd) > 1 else ''} {', '.join(map(str, sorted(sd)))})"
+                          for m, sd in sorted(g["machines"].items(), key=lambda kv: min(kv[1]))) or machine()
+        untimed = (f"; {g['untimed']} results imported from an earlier results.json carry no time"
+                   if g["untimed"] else "")
+        L += [f"Made by `python benchmarks/study.py{quick}` on {where}, seeds {self.seeds}: {mins:.0f} min of "
               f"runs in all ({g['pretrain_seconds'] / 60:.0f} min pre-training, {g['eval_seconds'] / 60:.0f} min "
-              f"evaluation; times of the runs themselves, summed). Times and img/s are comparable only between runs "
-              f"made on an otherwise idle machine. The numbers are also in [`results.json`](results.json); each "
-              f"pre-training run and each (seed, row, metric) result is kept in `{rel(self.work)}`.", ""]
+              f"evaluation{untimed}; times of the runs themselves, summed). Times and img/s are comparable only "
+              f"between runs made on an otherwise idle machine. The numbers are also in "
+              f"[`results.json`](results.json); each "
+              f"(seed, row, metric) result and each pre-training run's record (checkpoint sha256, config "
+              f"fingerprint, training time, command, machine) is a JSON file in `{rel(self.records)}`, the runs "
+              f"themselves (checkpoints, logs) are in `{rel(self.work)}`.", ""]
         if self.quick:
             L += ["**This is a --quick smoke run** (CPU recipes on 2000 images for one epoch, 2000 / 1000 eval "
                   "images, 20 fine-tune steps): its numbers only show that the pipeline runs.", ""]
@@ -846,6 +954,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
     ap.add_argument("--work", type=Path, default=None, help="runs and results (default benchmarks/study_runs; "
                     "--quick: /tmp/cmim_study_quick)")
+    ap.add_argument("--records", type=Path, default=None, help="committed results and pre-training records "
+                    "(default benchmarks/study_records; --quick: <work>/records)")
     ap.add_argument("--ablations", action="store_true", help="also the ConMIM ablation rows")
     ap.add_argument("--rows", nargs="*", default=None, metavar="NAME",
                     help="only these pre-training / baseline rows (none: only rewrite the outputs)")
@@ -886,7 +996,10 @@ def main() -> int:
                 study.evaluate(name, seed)
                 study.write_outputs(study.gather())
             for row in pre:
-                study.pretrain(row, seed)
+                if study.needs_run(row, seed, pre):
+                    study.pretrain(row, seed)
+                else:
+                    study.log(f"seed {seed} {row}: every result is in {rel(study.records)}, not pre-trained again")
                 for name in evals:
                     source, _, _, kind = study.all_evals[name]
                     if kind == "pretrained" and source == row:
