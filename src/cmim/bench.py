@@ -161,6 +161,7 @@ class StepRunner:
     device batches."""
 
     def __init__(self, cfg: DictConfig, device: torch.device, total_steps: int = 10_000) -> None:
+        from cmim.core.host_memory import keep_freed_memory
         from cmim.core.schedules import cosine_schedule
         from cmim.data.augment import ViewMaker
         from cmim.engine.step import TrainStep, to_device
@@ -169,6 +170,8 @@ class StepRunner:
 
         t, d = cfg.train, cfg.data
         self.cfg, self.device, self.total_steps = cfg, device, total_steps
+        if t.keep_freed_memory and device.type == "cpu":  # as the trainer does
+            keep_freed_memory()
         torch.manual_seed(t.seed)
         self.method = build_method(cfg).to(device)
         self.method.train()

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from cmim.config import to_yaml
 from cmim.core.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from cmim.core.errors import CheckpointError, TrainingError, first_line, load_error_detail
+from cmim.core.host_memory import keep_freed_memory
 from cmim.core.io import atomic_torch_save, atomic_write_text
 from cmim.core.schedules import cosine_schedule, scaled_lr
 from cmim.core.weights import load_checkpoint
@@ -133,6 +134,8 @@ class Trainer:
         self.dist = dist_info or init_distributed(cfg.train.device)
         self.device = self.dist.device
         t = cfg.train
+        if t.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         self.out_dir = Path(t.out_dir)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
