@@ -81,9 +81,10 @@ QUICK_RECIPES: dict[str, str] = {
     "mimco_fmnist_30min.yaml": "mimco_fmnist_cpu.yaml",
 }
 QUICK_PRETRAIN: list[str] = ["data.subset=2000", "train.epochs=1"]
-# config keys that are not part of what a pre-training run learns: logging, resuming, loader workers; and BatchNorm
-# sync across processes, which does nothing in the study's one-process runs
-RUN_IGNORE = ("monitor.", "train.progress", "train.tensorboard", "train.resume", "data.num_workers", "train.sync_bn")
+# config keys that are not part of what a pre-training run learns: logging, resuming, loader workers, the host
+# allocator; and BatchNorm sync across processes, which does nothing in the study's one-process runs
+RUN_IGNORE = ("monitor.", "train.progress", "train.tensorboard", "train.resume", "data.num_workers", "train.sync_bn",
+              "train.keep_freed_memory")
 # ... and the paths, which differ between machines and work dirs (the teacher is identified by its sha256)
 RUN_PATHS = ("train.out_dir", "data.root", "mimco.teacher")
 # every pre-training run of the study (beside train.seed, train.out_dir, data.root): the study evaluates the
