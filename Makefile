@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/cmim pretrain configs/conmim_fmnist_cpu.yaml data.root=$$(PYTHON=$(PY) scripts/get_fashion_mnist.sh) $(DEMO_ARGS)
-	@echo "next: the 30-minute recipes, against raw pixels and supervised training from scratch in benchmarks/RESULTS.md: cmim pretrain configs/conmim_fmnist_30min.yaml (ConMIM, 27 min on 2 cores), or configs/mocov3_fmnist_30min.yaml then configs/mimco_fmnist_30min.yaml (MimCo, 29 min: the best encoder there, above the raw pixels on k-NN and the linear probe)"
+	@echo "next: the 30-minute recipes, against raw pixels and supervised training from scratch in benchmarks/RESULTS.md: cmim pretrain configs/conmim_fmnist_30min.yaml (ConMIM, 27-30 min on 2 cores), or configs/mocov3_fmnist_30min.yaml then configs/mimco_fmnist_30min.yaml (MimCo, 28-29 min: the best encoder there, above the raw pixels on k-NN and the linear probe)"
 
 test: setup
 	FASHION_MNIST_ROOT=$$(PYTHON=$(PY) scripts/get_fashion_mnist.sh) $(VENV)/bin/python -m pytest
