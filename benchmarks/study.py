@@ -417,11 +417,14 @@ class Study:
         s = self.finished(row, seed)
         assert s is not None
         t = self.pretrain_time(row, seed)
-        cmd = f"cmim pretrain {rel(self.recipe(row))} " + " ".join(self.pretrain_overrides(row, seed))
         write_json(path, {"row": row, "seed": seed, "checkpoint_sha256": sha,
                           "teacher_sha256": self.weights(dep, seed) if dep else None, "config_fingerprint": fp,
                           "steps": s["steps"], "seconds": t["seconds"], "img_per_s": t["img_per_s"],
-                          "timing": t["source"], "machine": machine(), "command": show(cmd)})
+                          "timing": t["source"], "machine": machine(), "command": self.pretrain_command(row, seed)})
+
+    def pretrain_command(self, row: str, seed: int | str) -> str:
+        """The row's `cmim pretrain` command as RESULTS.md and the records print it."""
+        return show(f"cmim pretrain {rel(self.recipe(row))} " + " ".join(self.pretrain_overrides(row, seed)))
 
     def metrics_of(self, name: str) -> list[str]:
         return KIND_METRICS[self.all_evals[name][3]]
@@ -789,8 +792,7 @@ class Study:
               f"(the study runs them in-process and in `{rel(self.work)}`):", "", "```bash"]
         for row in self.all_pretrain:
             if row in self.pretrain_rows or row in minutes:
-                ov = self.pretrain_overrides(row, "S")
-                L.append(show(f"cmim pretrain {rel(self.recipe(row))} " + " ".join(ov)))
+                L.append(self.pretrain_command(row, "S"))
         for name, (_, _, _, kind) in self.all_evals.items():
             if name not in rows:
                 continue
