@@ -908,6 +908,8 @@ def plot(g: dict[str, Any], evals: dict[str, tuple], path: Path, quick: bool) ->
 
 
 def machine() -> str:
+    from cmim.core.precision import native_bf16
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -916,7 +918,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    bf16 = "" if native_bf16("cpu") else ", no native bf16 (the bf16 recipes compute in fp32)"
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}{bf16}"
 
 
 def print_table(g: dict[str, Any], all_evals: dict[str, tuple]) -> None:

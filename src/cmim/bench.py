@@ -402,6 +402,7 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
               profile_steps: int = 0, profile_rows: int = 25, data_decode: str | None = None) -> dict[str, Any]:
     """Measure everything; returns the result dict (also what the JSON line holds)."""
     from cmim.core.distributed import resolve_device
+    from cmim.core.precision import native_bf16, resolve_precision
 
     device = resolve_device(cfg.train.device)
     t, m = cfg.train, cfg.model
@@ -410,14 +411,16 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
     res: dict[str, Any] = {
         "method": cfg.method, "family": m.family, "size": m.size, "embed_dim": m.embed_dim, "depth": m.depth,
         "patch_size": m.patch_size, "img_size": cfg.data.img_size, "batch": t.batch_size,
-        "accum_steps": t.accum_steps, "precision": t.precision, "compile": bool(t.compile),
+        "accum_steps": t.accum_steps, "precision": resolve_precision(t.precision, device),
+        "precision_requested": t.precision, "compile": bool(t.compile),
         "device": str(device), "machine": machine(),
     }
     peaks: dict[str, list[float]] = {"bf16": [], "fp32": []}
 
     def measure_peaks() -> None:
-        if peak:
+        if peak and native_bf16(device.type):  # emulated bf16 matmuls would take minutes; no peak to report
             peaks["bf16"].append(matmul_peak(device, torch.bfloat16, peak_sizes)["flops"])
+        if peak:
             peaks["fp32"].append(matmul_peak(device, torch.float32, peak_sizes)["flops"])
 
     runner = StepRunner(cfg, device)  # first: it refuses a batch that cannot fit before any timing
@@ -445,9 +448,9 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
     achieved = res["flops_per_img"] * res["img_per_s"]
     res["achieved_tflops"] = achieved / 1e12
     if peak:
-        res["peak_bf16_tflops"] = max(peaks["bf16"]) / 1e12
+        res["peak_bf16_tflops"] = max(peaks["bf16"]) / 1e12 if peaks["bf16"] else None
         res["peak_fp32_tflops"] = max(peaks["fp32"]) / 1e12
-        ref = res["peak_bf16_tflops"] if t.precision == "bf16" else res["peak_fp32_tflops"]
+        ref = res["peak_bf16_tflops"] if res["precision"] == "bf16" else res["peak_fp32_tflops"]
         res["mfu"] = res["achieved_tflops"] / ref
         res["peak_sizes"] = peak_sizes
     if data_items > 0:
@@ -470,9 +473,11 @@ def _fmt_flops(x: float) -> str:
 def format_table(r: dict[str, Any]) -> str:
     mc = r["machine"]
     dim = f", dim {r['embed_dim']}x{r['depth']}" if r.get("embed_dim") else ""
+    asked = r.get("precision_requested", r["precision"])
+    fallback = f" (asked {asked}: no native bf16 here)" if asked != r["precision"] else ""
     rows = [
         ("recipe", f"{r['method']} {r['family']}-{r['size']}/{r['patch_size']}{dim} @ {r['img_size']}px, "
-                   f"batch {r['batch']} (accum {r['accum_steps']}), {r['precision']}"
+                   f"batch {r['batch']} (accum {r['accum_steps']}), {r['precision']}{fallback}"
                    + (", torch.compile" if r["compile"] else "")),
         ("device", f"{r['device']} - {mc.get('gpu', mc['cpu'])}, {mc['cores']} cores, "
                    f"{mc['torch_threads']} torch threads, torch {mc['torch']}"),
@@ -484,7 +489,9 @@ def format_table(r: dict[str, Any]) -> str:
         ("achieved", f"{r['achieved_tflops'] * 1e3:.1f} GFLOP/s"),
     ]
     if "mfu" in r:
-        rows += [("matmul peak bf16", f"{r['peak_bf16_tflops'] * 1e3:.1f} GFLOP/s"),
+        bf16_peak = r["peak_bf16_tflops"]
+        bf16_text = f"{bf16_peak * 1e3:.1f} GFLOP/s" if bf16_peak else "not measured (no native bf16)"
+        rows += [("matmul peak bf16", bf16_text),
                  ("matmul peak fp32", f"{r['peak_fp32_tflops'] * 1e3:.1f} GFLOP/s"),
                  ("MFU", f"{100 * r['mfu']:.1f}% of the {r['precision']} matmul peak")]
     rows.append(("ViewMaker (device)", f"{r['viewmaker_img_per_s']:.0f} img/s, "

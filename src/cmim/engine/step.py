@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cmim.core.precision import autocast
 from cmim.data.augment import ViewMaker
 
 __all__ = ["RunningStats", "StepResult", "TrainStep", "model_seed", "optimizer_update", "to_device"]
@@ -120,7 +121,7 @@ class TrainStep:
         self.model = model if model is not None else method  # not `or`: a compiled module has no __bool__
         self.ddp = ddp
         self.all_processes = all_processes or (lambda flag: flag)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        self.autocast = autocast(device, precision)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.running_stats = RunningStats(method)
         self.seed, self.rank = int(seed), int(rank)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from cmim.core.distributed import resolve_device
 from cmim.core.knn import topk_accuracy
+from cmim.core.precision import autocast
 from cmim.core.schedules import scaled_lr
 from cmim.data.augment import normalize
 from cmim.eval.datasets import TransformDataset, base_train_dataset, check_data_fits, eval_dataset, seed_augmentation
@@ -103,11 +104,11 @@ def evaluate(model: nn.Module, cfg: DictConfig, device: torch.device) -> dict[st
     model.eval()
     loader = DataLoader(eval_dataset(cfg, "test"), batch_size=cfg.batch_size,
                         num_workers=int(cfg.data.num_workers))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    mixed_precision = autocast(device, cfg.precision)
     logits, labels = [], []
     for batch in loader:
         x = normalize(batch["image"].to(device), list(cfg.data.mean), list(cfg.data.std))
-        with autocast:
+        with mixed_precision:
             logits.append(model(x).float().cpu())
         labels.append(batch["label"])
     return topk_accuracy(torch.cat(logits), torch.cat(labels))
@@ -146,7 +147,7 @@ def finetune(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str,
         criterion = LabelSmoothingCrossEntropy(smoothing=float(ft.smoothing))
     else:
         criterion = nn.CrossEntropyLoss()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    mixed_precision = autocast(device, cfg.precision)
     params = [p for p in model.parameters() if p.requires_grad]
     step, history, stop = 0, [], False
     t_start = time.perf_counter()
@@ -158,7 +159,7 @@ def finetune(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str,
             if mixup is not None:
                 x, y = mixup(x, y)
             sched.step_update(step)
-            with autocast:
+            with mixed_precision:
                 loss = criterion(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

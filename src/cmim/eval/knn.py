@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from cmim.core.knn import knn_accuracy
+from cmim.core.precision import autocast
 from cmim.data.augment import normalize
 from cmim.models import MaskedEncoder
 
@@ -37,7 +38,7 @@ def extract_pooled(encoder: MaskedEncoder, dataset: Dataset, features: tuple[str
     labels = []
     for batch in loader:
         x = normalize(batch["image"].to(device, non_blocking=True), mean, std)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(device, precision):
             tokens = encoder(x)
         for f in features:
             feats[f].append(MaskedEncoder.pool(tokens, f).float().cpu())

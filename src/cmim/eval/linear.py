@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from cmim.core.distributed import resolve_device
 from cmim.core.knn import topk_accuracy
+from cmim.core.precision import autocast
 from cmim.core.schedules import scaled_lr
 from cmim.data.augment import normalize
 from cmim.eval.datasets import TransformDataset, base_train_dataset, eval_dataset, seed_augmentation
@@ -128,14 +129,14 @@ def linear_reference(src: EncoderSource, cfg: DictConfig, num_classes: int) -> d
     head = LinearProbe(enc.embed_dim, num_classes, bn=bool(lin.bn)).to(device)
     opt, lr = _optimizer(head, lin)
     sched = _scheduler(opt, lin, len(loader))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    mixed_precision = autocast(device, cfg.precision)
     step, history = 0, []
     for epoch in range(lin.epochs):
         head.train()
         t0, loss_sum = time.perf_counter(), 0.0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), mixed_precision:
                 feats = MaskedEncoder.pool(enc(x), cfg.feature).float()
             sched.step_update(step)
             loss = F.cross_entropy(head(feats), y)
@@ -159,11 +160,11 @@ def _eval_images(enc: MaskedEncoder, head: nn.Module, cfg: DictConfig,
     head.eval()
     ds = eval_dataset(cfg, "test")
     loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=int(cfg.data.num_workers))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    mixed_precision = autocast(device, cfg.precision)
     logits, labels = [], []
     for batch in loader:
         x = normalize(batch["image"].to(device), list(cfg.data.mean), list(cfg.data.std))
-        with autocast:
+        with mixed_precision:
             feats = MaskedEncoder.pool(enc(x), cfg.feature).float()
         logits.append(head(feats).float().cpu())
         labels.append(batch["label"])
