@@ -25,7 +25,12 @@ log = logging.getLogger(__name__)
 def native_bf16(device_type: str) -> bool:
     """Whether ``device_type`` computes bf16 matmuls in hardware (so bf16 autocast pays)."""
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        try:  # newer torch counts emulated bf16 (pre-Ampere GPUs) as supported unless told not to
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:
+            return torch.cuda.is_bf16_supported()
     if device_type == "cpu":
         try:  # oneDNN's own check (on x86: AVX-512 or AMX)
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
