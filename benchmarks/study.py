@@ -908,18 +908,12 @@ def plot(g: dict[str, Any], evals: dict[str, tuple], path: Path, quick: bool) ->
 
 
 def machine() -> str:
+    from cmim.bench import machine as bench_machine
     from cmim.core.precision import native_bf16
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info = bench_machine()  # the CPU's model name and core count, as `cmim bench` reports them
     bf16 = "" if native_bf16("cpu") else ", no native bf16 (the bf16 recipes compute in fp32)"
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}{bf16}"
+    return f"{info['cpu']}, {info['cores']} cores, Python {platform.python_version()}{bf16}"
 
 
 def print_table(g: dict[str, Any], all_evals: dict[str, tuple]) -> None:

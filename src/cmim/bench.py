@@ -418,10 +418,11 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
     peaks: dict[str, list[float]] = {"bf16": [], "fp32": []}
 
     def measure_peaks() -> None:
-        if peak and native_bf16(device.type):  # emulated bf16 matmuls would take minutes; no peak to report
+        if not peak:
+            return
+        if native_bf16(device.type):  # emulated bf16 matmuls would take minutes; no peak to report
             peaks["bf16"].append(matmul_peak(device, torch.bfloat16, peak_sizes)["flops"])
-        if peak:
-            peaks["fp32"].append(matmul_peak(device, torch.float32, peak_sizes)["flops"])
+        peaks["fp32"].append(matmul_peak(device, torch.float32, peak_sizes)["flops"])
 
     runner = StepRunner(cfg, device)  # first: it refuses a batch that cannot fit before any timing
     measure_peaks()

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cmim.core.errors import ConfigError, require
+from cmim.core.precision import PRECISIONS
 
 
 @dataclass
@@ -300,7 +301,7 @@ def validate(cfg: DictConfig) -> None:
     require(t.accum_steps >= 1, "train.accum_steps: must be >= 1")
     require(t.batch_size % t.accum_steps == 0,
              f"train.batch_size: {t.batch_size} is not divisible by train.accum_steps {t.accum_steps}")
-    require(t.precision in ("bf16", "fp32"), f"train.precision: must be bf16 or fp32, got {t.precision!r}")
+    require(t.precision in PRECISIONS, f"train.precision: must be bf16 or fp32, got {t.precision!r}")
     require(t.device in ("auto", "cpu", "cuda"), f"train.device: must be auto, cpu or cuda, got {t.device!r}")
     require(t.max_steps is None or t.max_steps > 0, "train.max_steps: must be positive or null")
     require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")

@@ -42,7 +42,7 @@ def native_bf16(device_type: str) -> bool:
 @functools.cache
 def _warn_fallback(device_type: str) -> None:
     log.warning("precision bf16: this %s has no native bf16 arithmetic (emulated bf16 is much slower than "
-                "fp32 here); computing in fp32 instead", "CPU" if device_type == "cpu" else device_type)
+                "fp32 here); computing in fp32 instead", "CPU" if device_type == "cpu" else "GPU")
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cmim.config import DataConfig, merge_config, validate_data_input
 from cmim.core.errors import require
+from cmim.core.precision import PRECISIONS
 from cmim.models.encoder import is_pooled_feature
 
 __all__ = ["EvalConfig", "FinetuneConfig", "KNNConfig", "LinearConfig", "load_eval_config", "validate_eval"]
@@ -119,7 +120,7 @@ def validate_eval(cfg: DictConfig) -> None:
              f"feature: must be mean, cls or gridG (e.g. grid2), got {cfg.feature!r}")
     require(cfg.init in ("pretrained", "random"), f"init: must be pretrained or random, got {cfg.init!r}")
     require(cfg.device in ("auto", "cpu", "cuda"), f"device: must be auto, cpu or cuda, got {cfg.device!r}")
-    require(cfg.precision in ("bf16", "fp32"), f"precision: must be bf16 or fp32, got {cfg.precision!r}")
+    require(cfg.precision in PRECISIONS, f"precision: must be bf16 or fp32, got {cfg.precision!r}")
     require(cfg.batch_size > 0, "batch_size: must be positive")
     require(cfg.label_fraction is None or 0 < cfg.label_fraction <= 1,
              f"label_fraction: must be in (0, 1] or null, got {cfg.label_fraction}")

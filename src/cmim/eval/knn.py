@@ -36,9 +36,10 @@ def extract_pooled(encoder: MaskedEncoder, dataset: Dataset, features: tuple[str
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     feats: dict[str, list[Tensor]] = {f: [] for f in features}
     labels = []
+    mixed_precision = autocast(device, precision)
     for batch in loader:
         x = normalize(batch["image"].to(device, non_blocking=True), mean, std)
-        with autocast(device, precision):
+        with mixed_precision:
             tokens = encoder(x)
         for f in features:
             feats[f].append(MaskedEncoder.pool(tokens, f).float().cpu())
