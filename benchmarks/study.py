@@ -641,7 +641,7 @@ class Study:
                         got.setdefault(metric, []).append((seed, float(r["top1"])))
                         eval_seconds += float(r.get("seconds") or 0.0)
                         untimed += r.get("seconds") is None
-                        machines.setdefault(r.get("machine") or "?", set()).add(seed)
+                        machines.setdefault(r.get("machine") or "machine not recorded", set()).add(seed)
             if got:
                 rows[name] = got
         own: dict[str, dict[int, dict[str, float]]] = {}
