@@ -4,8 +4,10 @@ The official side is TencentARC/ConMIM's own model code (``modeling_pretrain.py`
 projectors) driven by the body of its ``engine_for_pretraining.train_one_epoch``: EMA-teacher forward without
 gradients, student forward, L2 normalization, per-image patch logits over the masked positions, cross-entropy,
 backward, gradient clipping, AdamW (``torch.optim.AdamW`` with the no-weight-decay groups, as its
-``optim_factory`` builds), and its per-parameter EMA loop. bf16 autocast on both sides (the reference's CUDA fp16
-AMP has no CPU counterpart; its ``loss.item()`` per step is kept). The cmim side is ``cmim bench``'s
+``optim_factory`` builds), and its per-parameter EMA loop. Both sides compute in the precision the recipe
+resolves to on this CPU (``cmim.core.precision``): bf16 autocast where the CPU has native bf16, fp32 where it has
+not, so that neither side runs emulated bf16 (the reference's CUDA fp16 AMP has no CPU counterpart; its
+``loss.item()`` per step is kept). The cmim side is ``cmim bench``'s
 :class:`~cmim.bench.StepRunner`, i.e. the trainer's step, including the on-device augmentation the reference does
 in its loader workers. Same model (ViT-S/16 ConMIM, shared relative position bias, layer scale 0.1, projector
 384-4096-4096-256), same batch, same masks (75 of 196 patches), so the same FLOPs per image.
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmim.bench import StepRunner, load_bench_config
+from cmim.core.precision import autocast, resolve_precision
 
 
 def official_model(official: str) -> nn.Module:
@@ -61,9 +64,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class OfficialStep:
-    def __init__(self, official: str, batch: int, masks: torch.Tensor, temperature: float = 0.1,
+    def __init__(self, official: str, batch: int, masks: torch.Tensor, precision: str, temperature: float = 0.1,
                  clip: float = 3.0, lr: float = 1.5e-3 * 16 / 2048) -> None:
         torch.manual_seed(0)
+        self.precision = precision
         self.model = official_model(official).train()
         self.teacher = copy.deepcopy(self.model).train()  # the reference's model_copy: a train-mode copy
         for p in self.teacher.parameters():
@@ -78,7 +82,7 @@ class OfficialStep:
         mask, bs = self.mask, self.mask.shape[0]
         zero = torch.zeros_like(mask)
         labels = torch.arange(mask.shape[1]).unsqueeze(0).expand(bs, -1)[mask]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("cpu", self.precision):
             with torch.no_grad():
                 feat_full = self.teacher(self.samples_aug, bool_masked_pos=zero, return_all_tokens=True,
                                          only_return_before_head=True, use_mlp_projectors=True)
@@ -125,12 +129,13 @@ def main() -> None:
                                              "train.check_memory=false", *args.overrides])
     ours = StepRunner(cfg, torch.device("cpu"))
     masks = ours.batches[0]["mask"].cpu()  # the same block masks for both sides
-    theirs = OfficialStep(args.official, args.batch, masks, clip=float(cfg.optim.clip_grad))
+    precision = resolve_precision(str(cfg.train.precision), "cpu")
+    theirs = OfficialStep(args.official, args.batch, masks, precision, clip=float(cfg.optim.clip_grad))
     n_ours = sum(p.numel() for p in ours.method.parameters() if p.requires_grad)
     n_theirs = sum(p.numel() for p in theirs.model.parameters() if p.requires_grad)
     print(f"trainable parameters: cmim {n_ours / 1e6:.2f} M, official {n_theirs / 1e6:.2f} M; "
           f"batch {args.batch}, {int(masks.sum()) // masks.shape[0]} of {masks.shape[1]} patches masked; "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{torch.get_num_threads()} threads, {precision} on both sides", flush=True)
     for _ in range(args.warmup):
         theirs.run()
         ours.run()
@@ -145,9 +150,9 @@ def main() -> None:
     ratio_best, ratio_med = best["cmim"] / best["official"], med["cmim"] / med["official"]
     print(f"best: official {best['official']:.2f}, cmim {best['cmim']:.2f} img/s (x{ratio_best:.2f}); "
           f"median: official {med['official']:.2f}, cmim {med['cmim']:.2f} img/s (x{ratio_med:.2f})")
-    print(json.dumps({"batch": args.batch, "threads": torch.get_num_threads(), "overrides": args.overrides,
-                      "official_img_per_s": rows["official"], "cmim_img_per_s": rows["cmim"],
-                      "ratio_best": ratio_best, "ratio_median": ratio_med}))
+    print(json.dumps({"batch": args.batch, "threads": torch.get_num_threads(), "precision": precision,
+                      "overrides": args.overrides, "official_img_per_s": rows["official"],
+                      "cmim_img_per_s": rows["cmim"], "ratio_best": ratio_best, "ratio_median": ratio_med}))
 
 
 if __name__ == "__main__":
