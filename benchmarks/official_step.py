@@ -105,6 +105,25 @@ class OfficialStep:
         return value
 
 
+PROFILED_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::copy_", "aten::gelu", "aten::_softmax",
+                "aten::native_batch_norm", "aten::threshold_backward", "aten::add")
+
+
+def profile_steps(sides: dict, count: int) -> None:
+    """``count`` profiled steps per side, alternating, each printed as its wall time and the self CPU time of
+    the ops that dominate the step (the GEMMs, then the elementwise work around them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(count):
+        for name, fn in sides.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                seconds = timed(fn, 1)
+            ms = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+            gemm = sum(ms.get(k, 0.0) for k in PROFILED_OPS[:3]) / 1e3
+            print(f"profile {name}: {seconds:.2f} s, GEMMs {gemm:.2f} s ({100 * gemm / seconds:.0f}%); "
+                  + ", ".join(f"{k[6:]} {ms.get(k, 0.0):.0f} ms" for k in PROFILED_OPS), flush=True)
+
+
 def timed(fn, steps: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -121,6 +140,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed rounds, profile N steps per side, alternating")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the cmim recipe (e.g. train.compile=true)")
     args = ap.parse_args()
     if args.threads:
@@ -153,6 +174,8 @@ def main() -> None:
     print(json.dumps({"batch": args.batch, "threads": torch.get_num_threads(), "precision": precision,
                       "overrides": args.overrides, "official_img_per_s": rows["official"],
                       "cmim_img_per_s": rows["cmim"], "ratio_best": ratio_best, "ratio_median": ratio_med}))
+    if args.profile:
+        profile_steps({"official": theirs.run, "cmim": ours.run}, args.profile)
 
 
 if __name__ == "__main__":
