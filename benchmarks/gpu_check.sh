@@ -8,6 +8,9 @@
 # then one table. Every part has its own time limit, so a hang costs that part only.
 #
 #   bash benchmarks/gpu_check.sh                  # outputs in $OUT (default /tmp/cmim_gpu_check)
+#   GPU_CHECK_REHEARSE=1 bash benchmarks/gpu_check.sh
+#       a rehearsal on the CPU, before GPU time is spent: the same parts, commands and table, with a tiny model,
+#       one timed step and no compilation (tests/test_gpu_check.py runs it; PYTHON=... picks another torch)
 #
 # Dependencies: the machine's torch, torchvision, timm, safetensors, tensorboard, matplotlib, scikit-learn,
 # plus cmim's pure-Python ones it may lack (omegaconf, antlr4-python3-runtime, pytest): put their wheels in
@@ -22,8 +25,16 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())" \
-  | tee "$OUT/device.txt" || exit 1
+REHEARSE=${GPU_CHECK_REHEARSE:-0}
+SMALL=()   # appended to every command of a rehearsal: later flags and overrides win
+if [ "$REHEARSE" = 1 ]; then
+  SMALL=(train.device=cpu model.depth=2 model.embed_dim=64 model.num_heads=2 data.img_size=64
+         conmim.proj_hidden_dim=128 train.batch_size=4 train.compile=false)
+  $PY -c "import torch; print('torch', torch.__version__, '- rehearsal on the CPU')" | tee "$OUT/device.txt" || exit 1
+else
+  $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())" \
+    | tee "$OUT/device.txt" || exit 1
+fi
 
 part() {  # part NAME SECONDS CMD...: run CMD with a limit, log to $OUT/NAME.log, status to $OUT/NAME.rc
   local name=$1 limit=$2; shift 2
@@ -35,19 +46,20 @@ part() {  # part NAME SECONDS CMD...: run CMD with a limit, log to $OUT/NAME.log
 
 part cuda_tests 100 $PY -m pytest -q -m cuda -p no:cacheprovider tests
 BENCH=(-m cmim.cli bench --steps 10 --rounds 3 --warmup 3 --data-items 256 --data-source jpeg)
-part bench_vitb_eager 70 $PY "${BENCH[@]}" configs/conmim_vit_base_in1k.yaml train.batch_size=128 \
+S="${SMALL[*]:-}"  # the rehearsal's overrides go right after the others (argparse wants them together)
+[ "$REHEARSE" = 1 ] && BENCH+=(--steps 1 --rounds 1 --warmup 1 --data-items 8 --peak-sizes 256)
+part bench_vitb_eager 70 $PY "${BENCH[@]}" configs/conmim_vit_base_in1k.yaml train.batch_size=128 $S \
   --json-out "$OUT/bench_vitb_eager.json"
 part bench_vitb_compiled 130 $PY "${BENCH[@]}" configs/conmim_vit_base_in1k.yaml train.batch_size=128 \
-  train.compile=true --json-out "$OUT/bench_vitb_compiled.json"
-part bench_vits_eager 50 $PY "${BENCH[@]}" configs/conmim_vit_small_in1k.yaml train.batch_size=256 \
+  train.compile=true $S --json-out "$OUT/bench_vitb_compiled.json"
+part bench_vits_eager 50 $PY "${BENCH[@]}" configs/conmim_vit_small_in1k.yaml train.batch_size=256 $S \
   --data-decode device --json-out "$OUT/bench_vits_eager.json"
 part bench_vits_compiled 100 $PY "${BENCH[@]}" configs/conmim_vit_small_in1k.yaml train.batch_size=256 \
-  train.compile=true --json-out "$OUT/bench_vits_compiled.json"
+  train.compile=true $S --json-out "$OUT/bench_vits_compiled.json"
 part ddp_smoke 60 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m cmim.cli pretrain \
   configs/conmim_vit_small_in1k.yaml data.name=synthetic data.synthetic_size=2560 data.num_workers=4 \
   train.batch_size=128 train.max_steps=20 train.log_every_steps=5 monitor.every_epochs=0 train.progress=false \
-  train.tensorboard=false "train.out_dir=$OUT/ddp_smoke"
-
+  train.tensorboard=false "train.out_dir=$OUT/ddp_smoke" $S
 $PY - "$OUT" <<'PYEOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -66,7 +78,7 @@ for name in ("bench_vitb_eager", "bench_vitb_compiled", "bench_vits_eager", "ben
     data = (f"{r['data_cores_needed']:.1f} ({r['data_items_per_s_per_core']:.0f})"
             if r.get("data_cores_needed") is not None else "")
     if r.get("device_decode_img_per_s"):
-        data += f"; data.decode=device: JPEG decode on the GPU {r['device_decode_img_per_s']:.0f} img/s"
+        data += f"; data.decode=device: JPEG decode on the device {r['device_decode_img_per_s']:.0f} img/s"
     print(f"| {name} | rc {rc(name)} | {r['img_per_s']:.0f} | {r['flops_per_img'] / 1e9:.1f} | "
           f"{r['achieved_tflops']:.1f} (peak {r.get('peak_bf16_tflops', 0):.0f}) | {mfu} | "
           f"{r.get('host_syncs_per_step')} | {data} |")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmim.bench import StepRunner, load_bench_config
+from cmim.bench import StepRunner, count_step_flops, load_bench_config, matmul_peak
 from cmim.core.precision import autocast, resolve_precision
 
 
@@ -160,20 +160,34 @@ def main() -> None:
     for _ in range(args.warmup):
         theirs.run()
         ours.run()
+    # Both steps' FLOPs counted the same way (model work only; cmim's on-device augmentation is left out), and
+    # the matmul peak of this precision before and after the rounds: how far from the hardware each side is.
+    flops = {"official": count_step_flops(theirs.run)["total"] / args.batch,
+             "cmim": count_step_flops(ours.eager_step)["total"] / args.batch}
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peaks = [matmul_peak(torch.device("cpu"), dtype, [2048, 4096])["flops"]]
     rows = {"official": [], "cmim": []}
     for r in range(args.rounds):
         rows["official"].append(args.batch / timed(theirs.run, args.steps))
         rows["cmim"].append(args.batch / timed(ours.run, args.steps))
         print(f"round {r + 1}: official {rows['official'][-1]:.2f} img/s, cmim {rows['cmim'][-1]:.2f} img/s",
               flush=True)
+    peaks.append(matmul_peak(torch.device("cpu"), dtype, [2048, 4096])["flops"])
+    peak = max(peaks)
     best = {k: max(v) for k, v in rows.items()}
     med = {k: statistics.median(v) for k, v in rows.items()}
     ratio_best, ratio_med = best["cmim"] / best["official"], med["cmim"] / med["official"]
+    mfu = {k: best[k] * flops[k] / peak for k in rows}
     print(f"best: official {best['official']:.2f}, cmim {best['cmim']:.2f} img/s (x{ratio_best:.2f}); "
           f"median: official {med['official']:.2f}, cmim {med['cmim']:.2f} img/s (x{ratio_med:.2f})")
+    print(f"counted model FLOPs per image: official {flops['official'] / 1e9:.2f} G, cmim {flops['cmim'] / 1e9:.2f} G; "
+          f"{precision} matmul peak {peak / 1e9:.0f} GFLOP/s; MFU at the best round: official "
+          f"{100 * mfu['official']:.1f}%, cmim {100 * mfu['cmim']:.1f}%; x1.3 the official step needs "
+          f"{130 * mfu['official']:.1f}% of the peak")
     print(json.dumps({"batch": args.batch, "threads": torch.get_num_threads(), "precision": precision,
                       "overrides": args.overrides, "official_img_per_s": rows["official"],
-                      "cmim_img_per_s": rows["cmim"], "ratio_best": ratio_best, "ratio_median": ratio_med}))
+                      "cmim_img_per_s": rows["cmim"], "ratio_best": ratio_best, "ratio_median": ratio_med,
+                      "flops_per_img": flops, "peak_flops": peak, "mfu_best": mfu}))
     if args.profile:
         profile_steps({"official": theirs.run, "cmim": ours.run}, args.profile)
 

@@ -399,8 +399,11 @@ def load_bench_config(config: str | None, overrides: list[str],
 
 def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int = 3, data_items: int = 256,
               data_source: str = "auto", peak: bool = True, peak_sizes: list[int] | None = None,
-              profile_steps: int = 0, profile_rows: int = 25, data_decode: str | None = None) -> dict[str, Any]:
-    """Measure everything; returns the result dict (also what the JSON line holds)."""
+              profile_steps: int = 0, profile_rows: int = 25, data_decode: str | None = None,
+              vs_eager: bool = False) -> dict[str, Any]:
+    """Measure everything; returns the result dict (also what the JSON line holds). ``vs_eager`` (with
+    ``train.compile``): every timed round of the compiled step is followed by one of the eager step on the same
+    runner, so that both see the same machine state."""
     from cmim.core.distributed import resolve_device
     from cmim.core.precision import native_bf16, resolve_precision
 
@@ -435,7 +438,18 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
     res["flops_per_img"] = flops["total"] / t.batch_size
     res["flops_by_module"] = {k: v / t.batch_size for k, v in flops.items() if k != "total"}
     res["host_syncs_per_step"] = count_host_syncs(runner)
-    per_round = [_timeit(runner.run, device, 1, steps)[0] for _ in range(max(1, rounds))]
+    if vs_eager and not t.compile:
+        raise ConfigError("bench --vs-eager compares the compiled step with the eager one: add train.compile=true")
+    per_round, eager_rounds = [], []
+    for _ in range(max(1, rounds)):
+        per_round.append(_timeit(runner.run, device, 1, steps)[0])
+        if vs_eager:
+            eager_rounds.append(_timeit(runner.eager_step, device, 1, steps)[0])
+    if vs_eager:
+        res.update(eager_img_per_s=[t.batch_size / x for x in eager_rounds],
+                   compiled_img_per_s=[t.batch_size / x for x in per_round],
+                   compile_speedup_best=min(eager_rounds) / min(per_round),
+                   compile_speedup_median=statistics.median(eager_rounds) / statistics.median(per_round))
     loss = (runner.loss / max(1, runner.step * runner.accum)).item()
     if not math.isfinite(loss):
         raise TrainingError(f"bench: non-finite loss ({loss}) on synthetic batches; the recipe diverges")
@@ -453,6 +467,8 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
         res["peak_fp32_tflops"] = max(peaks["fp32"]) / 1e12
         ref = res["peak_bf16_tflops"] if res["precision"] == "bf16" else res["peak_fp32_tflops"]
         res["mfu"] = res["achieved_tflops"] / ref
+        # the ceiling of any implementation of these FLOPs on this device: every FLOP at the matmul peak
+        res["img_per_s_at_peak"] = ref * 1e12 / res["flops_per_img"]
         res["peak_sizes"] = peak_sizes
     if data_items > 0:
         dp = data_pipeline(cfg, runner.method.view_spec(), data_items, data_source, device, data_decode)
@@ -494,7 +510,8 @@ def format_table(r: dict[str, Any]) -> str:
         bf16_text = f"{bf16_peak * 1e3:.1f} GFLOP/s" if bf16_peak else "not measured (no native bf16)"
         rows += [("matmul peak bf16", bf16_text),
                  ("matmul peak fp32", f"{r['peak_fp32_tflops'] * 1e3:.1f} GFLOP/s"),
-                 ("MFU", f"{100 * r['mfu']:.1f}% of the {r['precision']} matmul peak")]
+                 ("MFU", f"{100 * r['mfu']:.1f}% of the {r['precision']} matmul peak (at 100%: "
+                         f"{r['img_per_s_at_peak']:.1f} img/s, the ceiling of these FLOPs here)")]
     rows.append(("ViewMaker (device)", f"{r['viewmaker_img_per_s']:.0f} img/s, "
                                        f"{100 * r['viewmaker_share']:.1f}% of the step"))
     if r.get("host_syncs_per_step") is not None:
@@ -504,6 +521,10 @@ def format_table(r: dict[str, Any]) -> str:
                                       f"[{r['data_source']}]; {r['data_cores_needed']:.2f} cores to keep up"))
     if "device_decode_img_per_s" in r:
         rows.append(("JPEG decode (device)", f"{r['device_decode_img_per_s']:.0f} img/s"))
+    if "compile_speedup_best" in r:
+        rounds = ", ".join(f"{c:.1f}/{e:.1f}" for c, e in zip(r["compiled_img_per_s"], r["eager_img_per_s"]))
+        rows.append(("compiled vs eager", f"x{r['compile_speedup_best']:.2f} best, x{r['compile_speedup_median']:.2f} "
+                                          f"median (img/s per round, compiled/eager: {rounds})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -518,7 +539,7 @@ def _run(args: argparse.Namespace) -> int:
                         data_source=source, peak=not args.no_peak,
                         peak_sizes=[int(n) for n in args.peak_sizes.split(",")] if args.peak_sizes else None,
                         profile_steps=args.profile,
-                        profile_rows=args.profile_rows, data_decode=args.data_decode)
+                        profile_rows=args.profile_rows, data_decode=args.data_decode, vs_eager=args.vs_eager)
     except torch.OutOfMemoryError:
         from cmim.core.distributed import resolve_device
         from cmim.engine.memory import out_of_memory_error
@@ -561,4 +582,6 @@ def add_parser(subparsers: Any) -> None:
                    help="MimCo without mimco.teacher: build a random MoCo v3 teacher from this recipe")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
+    p.add_argument("--vs-eager", action="store_true",
+                   help="with train.compile=true: time the eager step too, one round of each in turn")
     p.set_defaults(func=_run)
