@@ -13,7 +13,10 @@ in its loader workers. Same model (ViT-S/16 ConMIM, shared relative position bia
 384-4096-4096-256), same batch, same masks (75 of 196 patches), so the same FLOPs per image.
 
 Rounds alternate official, cmim, official, cmim, ... so both see the same machine state; each round times
-``--steps`` steps after ``--warmup`` untimed ones. The official repository is not part of cmim; clone it anywhere:
+``--steps`` steps after ``--warmup`` untimed ones. Both steps' model FLOPs are counted (``FlopCounterMode``, as
+``cmim bench`` does) and the matmul peak is measured before and after the rounds, so the output also says how
+close each side is to the hardware, and what MFU x1.3 the official step would take (issue #14's target).
+The official repository is not part of cmim; clone it anywhere:
 
     git clone https://github.com/TencentARC/ConMIM /tmp/ConMIM
     python benchmarks/official_step.py --official /tmp/ConMIM --batch 16 --rounds 5 --steps 3
