@@ -17,6 +17,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    group: bool = False  # this process joined a process group (any torchrun launch, one process included)
 
     @property
     def is_main(self) -> bool:
@@ -24,7 +25,8 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Distributed training is on: the model is wrapped in DDP and steps agree through collectives."""
+        return self.group or self.world_size > 1
 
 
 def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
@@ -41,15 +43,19 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") ->
 
 
 def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a single process."""
+    """Join the process group when launched by torchrun, with one process too (so that a 1-GPU torchrun run
+    takes the DDP path that a multi-GPU one takes); a plain ``python``/``cmim`` launch is a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return DistInfo(rank, world_size, local_rank, device)
+    launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, one process or many
+    if launched and not dist.is_initialized():
+        if device.type == "cuda":  # device_id: NCCL binds this GPU at once (no guessing in barrier())
+            dist.init_process_group(backend="nccl", rank=rank, world_size=world_size, device_id=device)
+        else:
+            dist.init_process_group(backend="gloo", rank=rank, world_size=world_size)
+    return DistInfo(rank, world_size, local_rank, device, group=launched)
 
 
 def is_dist() -> bool:

@@ -361,6 +361,7 @@ class Trainer:
             "checkpoint": str(self.checkpoint_path()),
             "skipped_images": len(skipped), "skipped_list": str(skip_file) if skipped else None,
             "nonfinite_steps": self.nonfinite_steps,
+            "world_size": self.dist.world_size, "ddp": self.dist.enabled,
         }
         if self.dist.is_main:
             write_skip_list(skip_file, skipped)
