@@ -409,6 +409,8 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
 
     device = resolve_device(cfg.train.device)
     t, m = cfg.train, cfg.model
+    if vs_eager and not t.compile:
+        raise ConfigError("bench --vs-eager compares the compiled step with the eager one: add train.compile=true")
     cpu = device.type == "cpu"
     peak_sizes = peak_sizes or ([2048, 4096] if cpu else [4096, 8192])
     res: dict[str, Any] = {
@@ -438,8 +440,6 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
     res["flops_per_img"] = flops["total"] / t.batch_size
     res["flops_by_module"] = {k: v / t.batch_size for k, v in flops.items() if k != "total"}
     res["host_syncs_per_step"] = count_host_syncs(runner)
-    if vs_eager and not t.compile:
-        raise ConfigError("bench --vs-eager compares the compiled step with the eager one: add train.compile=true")
     per_round, eager_rounds = [], []
     for _ in range(max(1, rounds)):
         per_round.append(_timeit(runner.run, device, 1, steps)[0])
