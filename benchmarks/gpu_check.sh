@@ -30,16 +30,16 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 $PY -c "import omegaconf" || { echo "omegaconf is missing: bring its wheel in .whl/ (BENCHMARKS.md, GPU check)"; exit 1; }
-REHEARSE=${GPU_CHECK_REHEARSE:-0}
-SMALL=()   # appended to every command of a rehearsal: later flags and overrides win
-if [ "$REHEARSE" = 1 ]; then
-  SMALL=(train.device=cpu model.depth=2 model.embed_dim=64 model.num_heads=2 data.img_size=64
-         conmim.proj_hidden_dim=128 train.batch_size=4 train.compile=false)
-  $PY -c "import torch; print('torch', torch.__version__, '- rehearsal on the CPU')" | tee "$WORK/device.txt" || exit 1
-else
-  $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())" \
-    | tee "$WORK/device.txt" || exit 1
+BENCH=(-m cmim.cli bench --steps 10 --rounds 3 --warmup 3 --data-items 256 --data-source jpeg)
+SMALL=""  # a rehearsal's overrides, put right after each command's own (later ones win; argparse wants them together)
+DEVICE="assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())"
+if [ "${GPU_CHECK_REHEARSE:-0}" = 1 ]; then
+  SMALL="train.device=cpu model.depth=2 model.embed_dim=64 model.num_heads=2 data.img_size=64
+         conmim.proj_hidden_dim=128 train.batch_size=4 train.compile=false"
+  BENCH+=(--steps 1 --rounds 1 --warmup 1 --data-items 8 --peak-sizes 256)
+  DEVICE="print('torch', torch.__version__, '- rehearsal on the CPU')"
 fi
+$PY -c "import torch; $DEVICE" | tee "$WORK/device.txt" || exit 1
 
 part() {  # part NAME SECONDS CMD...: run CMD with a limit, log to $WORK/NAME.log, status to $WORK/NAME.rc
   local name=$1 limit=$2; shift 2
@@ -50,21 +50,18 @@ part() {  # part NAME SECONDS CMD...: run CMD with a limit, log to $WORK/NAME.lo
 }
 
 part cuda_tests 80 $PY -m pytest -q -m cuda -p no:cacheprovider tests
-BENCH=(-m cmim.cli bench --steps 10 --rounds 3 --warmup 3 --data-items 256 --data-source jpeg)
-S="${SMALL[*]:-}"  # the rehearsal's overrides go right after the others (argparse wants them together)
-[ "$REHEARSE" = 1 ] && BENCH+=(--steps 1 --rounds 1 --warmup 1 --data-items 8 --peak-sizes 256)
-part bench_vitb_eager 70 $PY "${BENCH[@]}" configs/conmim_vit_base_in1k.yaml train.batch_size=128 $S \
+part bench_vitb_eager 70 $PY "${BENCH[@]}" configs/conmim_vit_base_in1k.yaml train.batch_size=128 $SMALL \
   --json-out "$WORK/bench_vitb_eager.json"
 part bench_vitb_compiled 120 $PY "${BENCH[@]}" configs/conmim_vit_base_in1k.yaml train.batch_size=128 \
-  train.compile=true $S --json-out "$WORK/bench_vitb_compiled.json"
-part bench_vits_eager 50 $PY "${BENCH[@]}" configs/conmim_vit_small_in1k.yaml train.batch_size=256 $S \
+  train.compile=true $SMALL --json-out "$WORK/bench_vitb_compiled.json"
+part bench_vits_eager 50 $PY "${BENCH[@]}" configs/conmim_vit_small_in1k.yaml train.batch_size=256 $SMALL \
   --data-decode device --json-out "$WORK/bench_vits_eager.json"
 part bench_vits_compiled 90 $PY "${BENCH[@]}" configs/conmim_vit_small_in1k.yaml train.batch_size=256 \
-  train.compile=true $S --json-out "$WORK/bench_vits_compiled.json"
+  train.compile=true $SMALL --json-out "$WORK/bench_vits_compiled.json"
 part ddp_smoke 60 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m cmim.cli pretrain \
   configs/conmim_vit_small_in1k.yaml data.name=synthetic data.synthetic_size=2560 data.num_workers=4 \
   train.batch_size=128 train.max_steps=20 train.log_every_steps=5 monitor.every_epochs=0 train.progress=false \
-  train.tensorboard=false "train.out_dir=$WORK/ddp_smoke" $S
+  train.tensorboard=false "train.out_dir=$WORK/ddp_smoke" $SMALL
 $PY - "$WORK" <<'PYEOF' | tee "$WORK/table.md"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])

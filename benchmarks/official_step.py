@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmim.bench import StepRunner, count_step_flops, load_bench_config, matmul_peak
+from cmim.bench import CPU_PEAK_SIZES, StepRunner, count_step_flops, load_bench_config, matmul_peak
 from cmim.core.precision import autocast, resolve_precision
 
 
@@ -168,14 +168,14 @@ def main() -> None:
     flops = {"official": count_step_flops(theirs.run)["total"] / args.batch,
              "cmim": count_step_flops(ours.eager_step)["total"] / args.batch}
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    peaks = [matmul_peak(torch.device("cpu"), dtype, [2048, 4096])["flops"]]
+    peaks = [matmul_peak(torch.device("cpu"), dtype, CPU_PEAK_SIZES)["flops"]]
     rows = {"official": [], "cmim": []}
     for r in range(args.rounds):
         rows["official"].append(args.batch / timed(theirs.run, args.steps))
         rows["cmim"].append(args.batch / timed(ours.run, args.steps))
         print(f"round {r + 1}: official {rows['official'][-1]:.2f} img/s, cmim {rows['cmim'][-1]:.2f} img/s",
               flush=True)
-    peaks.append(matmul_peak(torch.device("cpu"), dtype, [2048, 4096])["flops"])
+    peaks.append(matmul_peak(torch.device("cpu"), dtype, CPU_PEAK_SIZES)["flops"])
     peak = max(peaks)
     best = {k: max(v) for k, v in rows.items()}
     med = {k: statistics.median(v) for k, v in rows.items()}

@@ -54,6 +54,8 @@ without mimco.teacher gets a random MoCo v3 teacher. The last output line is one
 """
 
 _ATEN = torch.ops.aten
+#: square matmul sizes of the peak MFU is measured against (large enough to reach the device's best GEMM speed)
+CPU_PEAK_SIZES, GPU_PEAK_SIZES = [2048, 4096], [4096, 8192]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -412,7 +414,7 @@ def run_bench(cfg: DictConfig, *, steps: int = 10, warmup: int = 2, rounds: int 
     if vs_eager and not t.compile:
         raise ConfigError("bench --vs-eager compares the compiled step with the eager one: add train.compile=true")
     cpu = device.type == "cpu"
-    peak_sizes = peak_sizes or ([2048, 4096] if cpu else [4096, 8192])
+    peak_sizes = peak_sizes or (CPU_PEAK_SIZES if cpu else GPU_PEAK_SIZES)
     res: dict[str, Any] = {
         "method": cfg.method, "family": m.family, "size": m.size, "embed_dim": m.embed_dim, "depth": m.depth,
         "patch_size": m.patch_size, "img_size": cfg.data.img_size, "batch": t.batch_size,

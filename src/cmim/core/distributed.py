@@ -26,7 +26,7 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         """Distributed training is on: the model is wrapped in DDP and steps agree through collectives."""
-        return self.group or self.world_size > 1
+        return self.group
 
 
 def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
