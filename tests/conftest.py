@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# decoded folder images and split fingerprints go to a cache of the test session, not the user's
+os.environ["CMIM_CACHE_DIR"] = tempfile.mkdtemp(prefix="cmim-test-cache-")
 
 FMNIST_ROOT = os.environ.get("FASHION_MNIST_ROOT", "/usr/share/datasets/fashion-mnist")
 

@@ -35,7 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def folder_cfg(root: Path, **overrides: Any) -> DictConfig:
-    small = dict(name="folder", root=str(root), img_size=16, in_chans=3, eval_crop_pct=1.0, num_workers=0)
+    # full-size decodes: these tests look at the files themselves (the cache has tests of its own)
+    small = dict(name="folder", root=str(root), img_size=16, in_chans=3, eval_crop_pct=1.0, num_workers=0,
+                 cache_images=False)
     return OmegaConf.structured(DataConfig(**{**small, **overrides}))
 
 
@@ -315,7 +317,8 @@ def test_val_fraction_pretrain_monitor_and_eval_knn(tmp_path: Path, capsys: pyte
     root = tmp_path / "one"
     write_labeled_folder(root, 16)
     over = tiny_overrides(tmp_path, "data.name=folder", f"data.root={root}", "data.val_fraction=0.25",
-                          "data.eval_split=val", "train.epochs=1", "train.batch_size=8")
+                          "data.eval_split=val", "train.epochs=1", "train.batch_size=8",
+                          "data.split_twins=false")  # the plain hash rule (twins: tests/test_splits.py)
     assert main(["pretrain", _recipe(tmp_path), *over]) == 0
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())

@@ -71,6 +71,16 @@ class DataConfig:
     # per file (cmim.data.datasets.held_out_mask); split names "train" and "val"/"test" then name the parts.
     val_fraction: float = 0.0
     split_seed: int = 0  # seed of that split's hash (kept with the checkpoint, so evals see the same split)
+    # ... and keeps near-duplicate files (32x32 grey thumbnails with a cosine above twin_cosine) on one side, so
+    # the hold-out measures features, not memorization (cmim.data.splits)
+    split_twins: bool = True
+    twin_cosine: float = 0.99
+    # folder only: each image is decoded once, shrunk to a shorter side of cache_short_side (null: twice
+    # img_size) and kept as an array under cache_dir (null: $CMIM_CACHE_DIR or ~/.cache/cmim), keyed by the
+    # file's content; later epochs, runs and evaluations read the small array (cmim.data.cache)
+    cache_images: bool = True
+    cache_dir: str | None = None
+    cache_short_side: int | None = None
     # pre-training on a folder: "cpu" (PIL in the loader workers) | "device" (workers read JPEG bytes and draw the
     # crops; the step decodes them on the device, nvJPEG on CUDA: cmim.data.decode). Evaluations decode on the CPU.
     decode: str = "cpu"
@@ -242,6 +252,9 @@ def validate_data_input(d: DictConfig) -> None:
     require(len(d.background) == 3 and all(0 <= v <= 255 for v in d.background),
              f"data.background: need 3 values in 0..255 (an RGB colour), got {list(d.background)}")
     require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    require(0.0 < d.twin_cosine <= 1.0, f"data.twin_cosine: must be in (0, 1], got {d.twin_cosine}")
+    require(d.cache_short_side is None or d.cache_short_side >= d.img_size,
+            f"data.cache_short_side: must be >= data.img_size ({d.img_size}) or null, got {d.cache_short_side}")
     if d.val_fraction > 0 and d.name == "folder":
         require(d.train_split == "train",
                  f"data.train_split: must be 'train' with data.val_fraction > 0 (the split's part), "

@@ -20,10 +20,10 @@ from cmim.data.datasets import (
     SubsetDataset,
     SyntheticDataset,
     build_base_dataset,
-    held_out_mask,
     scan_unreadable,
     skip_report,
 )
+from cmim.data.splits import held_out_mask, twin_groups
 from cmim.data.views import (
     EvalDataset,
     PretrainDataset,
@@ -52,6 +52,7 @@ __all__ = [
     "build_eval_dataset",
     "build_pretrain_dataset",
     "held_out_mask",
+    "twin_groups",
     "normalize",
     "sample_photometric_params",
     "scan_unreadable",

@@ -9,8 +9,8 @@ recorded, never fatal (:class:`ImageFolderDataset`, :func:`skip_report`).
 
 from __future__ import annotations
 
+import functools
 import gzip
-import hashlib
 import logging
 import math
 import os
@@ -29,6 +29,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from cmim.core.io import atomic_write_text
+from cmim.data.cache import DecodedCache, default_cache_dir
+from cmim.data.splits import DEFAULT_TWIN_COSINE, held_out_mask, twin_groups
 
 __all__ = [
     "DEFAULT_BACKGROUND",
@@ -46,7 +48,6 @@ __all__ = [
     "build_base_dataset",
     "composite_on",
     "convert_mode",
-    "held_out_mask",
     "load_image",
     "read_skip_list",
     "scan_unreadable",
@@ -423,8 +424,10 @@ class ImageFolderDataset(BaseImageDataset):
         in_chans: int = 3,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         background: Sequence[int] = DEFAULT_BACKGROUND,
+        cache: DecodedCache | None = None,
     ) -> None:
         self.root = str(root)
+        self.cache = cache
         self.in_chans = _check_in_chans(in_chans)
         self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
         self.background = tuple(int(v) for v in background)
@@ -470,6 +473,12 @@ class ImageFolderDataset(BaseImageDataset):
             encoded = read_jpeg(self.paths[index], self.max_image_pixels)
             if encoded is not None:
                 return encoded
+        if self.cache is not None:
+            return self.cache.get(self.paths[index], functools.partial(self.decode, index))
+        return self.decode(index)
+
+    def decode(self, index: int) -> Image.Image:
+        """Decode sample ``index`` from its file, at full size."""
         return load_image(self.paths[index], self.in_chans, self.max_image_pixels, self.background)
 
     def try_load(self, index: int, record: bool = True) -> Image.Image | EncodedJpeg | None:
@@ -514,36 +523,6 @@ class ImageFolderDataset(BaseImageDataset):
     @property
     def skipped_paths(self) -> list[str]:
         return [self.paths[i] for i in self.skipped_indices().tolist()]
-
-
-def held_out_mask(relpaths: Sequence[str], targets: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """Which files form the held-out (val) part of a folder split by ``data.val_fraction``.
-
-    Rule: file ``p`` is held out when ``u(p) < fraction``, with ``u(p)`` = SHA-1 of ``f"{seed}:{p}"`` read as
-    a number in [0, 1) and ``p`` the path relative to the data root ("/"-separated). A file's side therefore
-    never changes when other files are added or removed, and each class (a label; an unlabeled folder is one
-    class) holds out approximately ``fraction`` of its files. Two corrections keep small classes usable: a
-    class of >= 2 files with no held-out file gives its lowest-``u`` file to val, and one whose files all
-    fell below the threshold keeps its highest-``u`` file for training; a single-file class is train only.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
-    u = np.array(
-        [int.from_bytes(hashlib.sha1(f"{seed}:{p}".encode()).digest()[:8], "big") / 2.0**64 for p in relpaths]
-    )
-    held = u < fraction
-    if fraction == 0.0:
-        return held
-    targets = np.asarray(targets)
-    for c in np.unique(targets):
-        idx = np.flatnonzero(targets == c)
-        if len(idx) < 2:
-            held[idx] = False
-        elif not held[idx].any():
-            held[idx[np.argmin(u[idx])]] = True
-        elif held[idx].all():
-            held[idx[np.argmax(u[idx])]] = False
-    return held
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -758,6 +737,47 @@ def _cfg(cfg: Any, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def folder_cache(cfg: Any, in_chans: int, background: Sequence[int]) -> DecodedCache:
+    """The decoded-image cache of a folder recipe (:mod:`cmim.data.cache`); with ``data.cache_images`` off it
+    still keeps the split's fingerprints."""
+    root = _cfg(cfg, "cache_dir", None) or default_cache_dir()
+    short_side = _cfg(cfg, "cache_short_side", None) or 2 * int(_cfg(cfg, "img_size", 224))
+    return DecodedCache(root, int(short_side), in_chans, background, keep_images=bool(_cfg(cfg, "cache_images", True)))
+
+
+class _Fingerprints(Dataset):
+    """Index -> the file's thumbnail or None (unreadable), computed in DataLoader workers."""
+
+    def __init__(self, ds: ImageFolderDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray | None:
+        cache = self.ds.cache
+        assert cache is not None
+        try:
+            return cache.fingerprint(self.ds.paths[index], functools.partial(self.ds.decode, index))
+        except Exception:  # noqa: BLE001 - an unreadable file has no twins; the training loader skips it
+            return None
+
+
+# (real root, listing, setting, threshold) -> group ids: the train and val parts of one run group once
+_GROUPS: dict[tuple, np.ndarray] = {}
+
+
+def _twin_groups(ds: ImageFolderDataset, threshold: float, workers: int) -> np.ndarray:
+    assert ds.cache is not None
+    key = (os.path.realpath(ds.root), tuple(ds.paths), ds.cache.root, ds.cache._setting, threshold)
+    if key not in _GROUPS:
+        loader = torch.utils.data.DataLoader(_Fingerprints(ds), batch_size=64, num_workers=workers,
+                                             collate_fn=list)
+        prints = [f for batch in loader for f in batch]
+        _GROUPS[key] = twin_groups(prints, threshold)
+    return _GROUPS[key]
+
+
 HELD_OUT_SPLITS = ("val", "test")
 
 
@@ -766,16 +786,28 @@ def _folder_dataset(cfg: Any, root: str, split: str, in_chans: int) -> BaseImage
     max_pixels = getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     background = _cfg(cfg, "background", DEFAULT_BACKGROUND)
     fraction = float(_cfg(cfg, "val_fraction", 0.0))
+    twins = bool(_cfg(cfg, "split_twins", True)) and fraction > 0.0
+    cache = folder_cache(cfg, in_chans, background) if twins or _cfg(cfg, "cache_images", True) else None
     if fraction <= 0.0:
-        return ImageFolderDataset(os.path.join(root, split) if split else root, in_chans, max_pixels, background)
+        folder = os.path.join(root, split) if split else root
+        return ImageFolderDataset(folder, in_chans, max_pixels, background, cache)
     if split != "train" and split not in HELD_OUT_SPLITS:
         raise ValueError(f"with data.val_fraction > 0 the folder split is 'train' or 'val'/'test', not {split!r}")
-    ds = ImageFolderDataset(root, in_chans, max_pixels, background)
+    ds = ImageFolderDataset(root, in_chans, max_pixels, background, cache)
     if "train" in ds.classes and any(s in ds.classes for s in HELD_OUT_SPLITS):
         raise ValueError(f"data.val_fraction splits {root} itself, but it has train/ and val/ sub-folders; "
                          "set data.val_fraction=0 to use them")
     rel = [os.path.relpath(p, root).replace(os.sep, "/") for p in ds.paths]
-    held = held_out_mask(rel, ds.targets, fraction, int(_cfg(cfg, "split_seed", 0)))
+    groups = None
+    if twins:
+        threshold = float(_cfg(cfg, "twin_cosine", DEFAULT_TWIN_COSINE))
+        groups = _twin_groups(ds, threshold, min(int(_cfg(cfg, "num_workers", 0)), os.cpu_count() or 1))
+    held = held_out_mask(rel, ds.targets, fraction, int(_cfg(cfg, "split_seed", 0)), groups)
+    if groups is not None and split == "train":
+        sizes = np.bincount(groups)
+        with_twin = int((sizes[groups] > 1).sum())
+        log.info("split of %s: %d files; %d have near-duplicates, in %d groups kept on one side; %d held out",
+                 root, len(rel), with_twin, int((sizes > 1).sum()), int(held.sum()))
     return SubsetDataset(ds, np.flatnonzero(held if split in HELD_OUT_SPLITS else ~held))
 
 

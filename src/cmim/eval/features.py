@@ -53,7 +53,9 @@ def _key(src: EncoderSource, cfg: DictConfig, part: str, feature: str) -> dict[s
         "synthetic": [d.synthetic_size, d.synthetic_classes] if d.name == "synthetic" else None,
         "precision": cfg.precision,
         **({"folder": {"val_fraction": d.val_fraction, "split_seed": d.split_seed, "background": list(d.background),
-                       "max_image_pixels": d.max_image_pixels}} if d.name == "folder" else {}),
+                       "max_image_pixels": d.max_image_pixels, "split_twins": d.split_twins,
+                       "twin_cosine": d.twin_cosine, "cache_images": d.cache_images,
+                       "cache_short_side": d.cache_short_side}} if d.name == "folder" else {}),
     }
 
 
