@@ -167,3 +167,46 @@ def test_folder_recipe_runs_on_one_labeled_folder_of_mixed_images(tmp_path, caps
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["knn_raw_pixels"] is not None and len(summary["knn"]) == 2
     assert "raw pixels" in capsys.readouterr().out
+
+
+def test_raw_pixels_of_a_folder_checkpoint_under_a_memory_limit(tmp_path):
+    """`cmim eval knn CKPT --raw-pixels` takes the checkpoint's folder, size and split (it once fell back to the
+    schema's 224 px Fashion-MNIST and was killed for memory), and fits in 4 GB of address space."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import tiny_overrides
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: conmim\n")
+    assert main(["pretrain", str(recipe), *tiny_overrides(tmp_path, "data.name=folder", f"data.root={root}",
+                                                           "data.val_fraction=0.3", "data.eval_split=val",
+                                                           "train.max_steps=1", "monitor.every_epochs=0")]) == 0
+    out = tmp_path / "pixels.json"
+    code = ("import sys; from cmim.cli import main; "
+            f"sys.exit(main(['eval', 'knn', {str(tmp_path / 'run' / 'checkpoint.pt')!r}, '--raw-pixels', "
+            f"'precision=fp32', 'data.num_workers=0', 'cache_dir={tmp_path / 'cache'}', 'out={out}']))")
+    run = subprocess.run(["bash", "-c", f'ulimit -v 4000000; exec "{sys.executable}" -c "{code}"'],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["dataset"]["root"] == str(root) and result["features"]["test_split"] == "val"
+    assert result["features"]["train_samples"] + result["features"]["test_samples"] == 20
+
+
+def test_raw_pixels_that_cannot_fit_are_refused_in_one_line(monkeypatch, capsys, tmp_path):
+    import cmim.eval.features as features
+
+    monkeypatch.setattr(features, "_available_bytes", lambda: 10_000)  # 10 kB
+    assert main(["eval", "knn", "--raw-pixels", "--no-cache", *DATA, "train_subset=64", "test_subset=32",
+                 f"out={tmp_path / 'r.json'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "raw-pixel features of" in err[0] and "GiB" in err[0], err

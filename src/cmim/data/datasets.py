@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from cmim.core.cpus import loader_workers
 from cmim.core.io import atomic_write_text
 from cmim.data.cache import DecodedCache, default_cache_dir
 from cmim.data.splits import DEFAULT_TWIN_COSINE, held_out_mask, twin_groups
@@ -801,7 +802,7 @@ def _folder_dataset(cfg: Any, root: str, split: str, in_chans: int) -> BaseImage
     groups = None
     if twins:
         threshold = float(_cfg(cfg, "twin_cosine", DEFAULT_TWIN_COSINE))
-        groups = _twin_groups(ds, threshold, min(int(_cfg(cfg, "num_workers", 0)), os.cpu_count() or 1))
+        groups = _twin_groups(ds, threshold, loader_workers(_cfg(cfg, "num_workers", 0)))
     held = held_out_mask(rel, ds.targets, fraction, int(_cfg(cfg, "split_seed", 0)), groups)
     if groups is not None and split == "train":
         sizes = np.bincount(groups)

@@ -17,7 +17,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from cmim.core.cpus import loader_workers
 from cmim.core.distributed import resolve_device
+from cmim.core.errors import ConfigError
 from cmim.core.io import atomic_torch_save
 from cmim.core.weights import read_weights
 from cmim.data.datasets import skipped_files
@@ -59,6 +61,25 @@ def _key(src: EncoderSource, cfg: DictConfig, part: str, feature: str) -> dict[s
     }
 
 
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_pixel_memory(num_images: int, data: DictConfig) -> None:
+    """Refuse, in one line, raw-pixel features that cannot fit in memory (they are held as float32), instead of
+    being killed by the kernel half-way."""
+    need = num_images * int(data.in_chans) * int(data.img_size) ** 2 * 4
+    free = _available_bytes()
+    if free is not None and need > 0.8 * free:
+        raise ConfigError(f"raw-pixel features of {num_images} images at {data.in_chans}x{data.img_size}x"
+                          f"{data.img_size} need {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB "
+                          "available: set train_subset / test_subset, or a smaller data.img_size")
+
+
 def cached_features(src: EncoderSource, cfg: DictConfig, part: str, feature: str | None = None,
                     use_cache: bool = True) -> tuple[Tensor, Tensor, bool]:
     """(features float32 (N, D), labels (N,), was_cached) of the ``part`` split for ``src``'s encoder."""
@@ -76,15 +97,16 @@ def cached_features(src: EncoderSource, cfg: DictConfig, part: str, feature: str
             log.warning("ignoring unreadable feature cache %s (%s)", path, e)
     ds = eval_dataset(cfg, part)
     if src.kind == "pixels":
+        check_pixel_memory(len(ds), cfg.data)
         feats, labels = pixel_features(ds, mean=list(cfg.data.mean), std=list(cfg.data.std),
-                                       batch_size=cfg.batch_size, num_workers=int(cfg.data.num_workers))
+                                       batch_size=cfg.batch_size, num_workers=loader_workers(cfg.data.num_workers))
     else:
         check_data_fits(src, cfg.data)
         device = resolve_device(cfg.device, key="device")
         enc = src.encoder.to(device)
         feats, labels = extract_features(enc, ds, feature=feature, mean=list(cfg.data.mean),
                                          std=list(cfg.data.std), device=device, batch_size=cfg.batch_size,
-                                         num_workers=int(cfg.data.num_workers), precision=cfg.precision)
+                                         num_workers=loader_workers(cfg.data.num_workers), precision=cfg.precision)
     skipped = skipped_files(ds)
     SKIPPED[key["split"]] = skipped
     if skipped:

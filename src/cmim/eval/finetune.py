@@ -27,6 +27,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cmim.core.cpus import loader_workers
 from cmim.core.distributed import resolve_device
 from cmim.core.knn import topk_accuracy
 from cmim.core.precision import autocast
@@ -103,7 +104,7 @@ def train_transform(cfg: DictConfig) -> Any:
 def evaluate(model: nn.Module, cfg: DictConfig, device: torch.device) -> dict[str, float]:
     model.eval()
     loader = DataLoader(eval_dataset(cfg, "test"), batch_size=cfg.batch_size,
-                        num_workers=int(cfg.data.num_workers))
+                        num_workers=loader_workers(cfg.data.num_workers))
     mixed_precision = autocast(device, cfg.precision)
     logits, labels = [], []
     for batch in loader:
@@ -123,7 +124,7 @@ def finetune(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str,
     model = build_finetune_model(src, ft, num_classes).to(device)
     train_ds = TransformDataset(base_train_dataset(cfg), train_transform(cfg))
     bs = min(int(ft.batch_size), len(train_ds) - len(train_ds) % 2)  # Mixup needs an even batch
-    nw = int(cfg.data.num_workers)
+    nw = loader_workers(cfg.data.num_workers)
     loader = DataLoader(train_ds, batch_size=bs, shuffle=True, drop_last=True, num_workers=nw,
                         persistent_workers=nw > 0, generator=torch.Generator().manual_seed(cfg.seed))
     lr = peak_lr(ft)

@@ -23,6 +23,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from cmim.core.cpus import loader_workers
 from cmim.core.distributed import resolve_device
 from cmim.core.knn import topk_accuracy
 from cmim.core.precision import autocast
@@ -120,7 +121,7 @@ def linear_reference(src: EncoderSource, cfg: DictConfig, num_classes: int) -> d
                           interpolation=str(d.interpolation), mean=tuple(d.mean), std=tuple(d.std))
     train_ds = TransformDataset(base_train_dataset(cfg), tf)
     bs = min(int(lin.batch_size), len(train_ds))
-    nw = int(d.num_workers)
+    nw = loader_workers(d.num_workers)
     loader = DataLoader(train_ds, batch_size=bs, shuffle=True, drop_last=True, num_workers=nw,
                         persistent_workers=nw > 0, generator=torch.Generator().manual_seed(cfg.seed))
     enc = src.encoder.to(device).eval()
@@ -159,7 +160,7 @@ def _eval_images(enc: MaskedEncoder, head: nn.Module, cfg: DictConfig,
                  device: torch.device) -> dict[str, float]:
     head.eval()
     ds = eval_dataset(cfg, "test")
-    loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=int(cfg.data.num_workers))
+    loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=loader_workers(cfg.data.num_workers))
     mixed_precision = autocast(device, cfg.precision)
     logits, labels = [], []
     for batch in loader:

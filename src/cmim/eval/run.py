@@ -56,7 +56,9 @@ def open_source(path: str | os.PathLike | None, recipe: str | os.PathLike | dict
     Baselines need no checkpoint: ``raw_pixels`` evaluates the flattened images themselves; ``arch`` (a
     pre-training recipe) builds that recipe's encoder with fresh weights (``init`` is then always random)."""
     if raw_pixels:
-        cfg = load_eval_config(recipe, [*(overrides or []), "feature=pixels", "init=random"])
+        # with a checkpoint, the pixels of the data it was trained on (its folder, split, size, normalization)
+        base = load_source(path).data if path is not None else None
+        cfg = load_eval_config(recipe, [*(overrides or []), "feature=pixels", "init=random"], base_data=base)
         return pixel_source(OmegaConf.to_container(cfg.data, resolve=True)), cfg  # type: ignore[arg-type]
     if path is None and arch is None:
         raise ConfigError("give a checkpoint, --arch RECIPE (fresh weights) or --raw-pixels")
