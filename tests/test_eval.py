@@ -220,3 +220,26 @@ def test_bad_input_is_one_line(ckpt, tmp_path, capsys):
     assert "data.img_size" in err and "\n" not in err
     assert main(["eval", "knn", str(ckpt), "knn.ks=[0]"]) == 2
     assert "knn.ks" in capsys.readouterr().err
+
+
+def test_monitor_prints_linear_probe_and_verdict(tmp_path, capsys):
+    """monitor.linear_epochs: the quick linear probe beside k-NN for random init, raw pixels and the trained
+    encoder, and the one-line verdict computed from them."""
+    import json as _json
+
+    from conftest import tiny_overrides
+
+    from cmim.cli import main as cli_main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: conmim\n")
+    assert cli_main(["pretrain", str(recipe), *tiny_overrides(tmp_path, "monitor.linear_epochs=3",
+                                                               "train.epochs=1")]) == 0
+    out = capsys.readouterr().out
+    summary = _json.loads((tmp_path / "run" / "summary.json").read_text())
+    first, last, pixels = summary["knn"][0], summary["knn"][-1], summary["knn_raw_pixels"]
+    assert all("linear_top1" in r for r in (first, last, pixels))
+    gain, over = last["knn_top1"] - first["knn_top1"], last["knn_top1"] - pixels["knn_top1"]
+    lin_gain = last["linear_top1"] - first["linear_top1"]
+    assert f"verdict: pre-training gained {gain:+.2f} (k-NN) / {lin_gain:+.2f} (linear) points over random init" in out
+    assert f"and {over:+.2f} / " in out and "linear probe top-1 (same images): raw pixels" in out

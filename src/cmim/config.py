@@ -151,6 +151,10 @@ class MonitorConfig:
     # also k-NN on the raw pixels (normalized, flattened) of the same subsets, once: the level a pre-trained
     # encoder has to beat to be worth its features
     raw_pixels: bool = True
+    # > 0: also a quick linear probe (cached features, BN + linear, SGD, this many epochs; cmim eval linear's
+    # head) on the same images, for the encoder and the raw pixels: the second piece of evidence the folder
+    # recipes print beside k-NN. 0: k-NN only.
+    linear_epochs: int = 0
 
 
 def _schema() -> type:
@@ -290,6 +294,7 @@ def validate(cfg: DictConfig) -> None:
     require(0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob: must be in [0, 1]")
     require(0.0 < d.eval_crop_pct <= 1.0, "data.eval_crop_pct: must be in (0, 1]")
     require(d.num_workers >= 0, "data.num_workers: must be >= 0")
+    require(cfg.monitor.linear_epochs >= 0, "monitor.linear_epochs: must be >= 0")
     validate_data_input(d)
     require(d.val_fraction == 0 or d.name == "folder",
              f"data.val_fraction: only splits data.name=folder, not {d.name} (which has its own splits)")

@@ -18,6 +18,24 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     return run(cfg, callbacks=[KnnMonitor(cfg)])
 
 
+def _evidence(first: dict, last: dict, pixels: dict | None) -> list[str]:
+    """The linear-probe line (when the monitor ran one) and the verdict: what pre-training gained."""
+    out = []
+    probes = [("k-NN", "knn_top1")]
+    if "linear_top1" in first and "linear_top1" in last:
+        probes.append(("linear", "linear_top1"))
+        base = f"raw pixels {pixels['linear_top1']:.2f}% | " if pixels and "linear_top1" in pixels else ""
+        out.append(f"linear probe top-1 (same images): {base}random init {first['linear_top1']:.2f}% -> "
+                   f"pre-trained {last['linear_top1']:.2f}%")
+    gains = [f"{last[k] - first[k]:+.2f} ({name})" for name, k in probes]
+    text = f"verdict: pre-training gained {' / '.join(gains)} points over random init"
+    if pixels:
+        over = [f"{last[k] - pixels[k]:+.2f}" for _, k in probes if k in pixels]
+        text += f" and {' / '.join(over)} over raw pixels"
+    out.append(text)
+    return out
+
+
 def print_pretrain_summary(summary: dict) -> None:
     """The run in one or two lines; unreadable images skipped are named on the last one, where users look."""
     knn = summary.get("knn") or []
@@ -32,6 +50,7 @@ def print_pretrain_summary(summary: dict) -> None:
             lines.append(f"k-NN top-1 (k={first.get('k', 20)}, same images): {base}random init "
                          f"{first['knn_top1']:.2f}% -> pre-trained {last['knn_top1']:.2f}% ({last['encoder']}, "
                          f"{last['feature']} features, epoch {last['epoch']})")
+            lines.extend(_evidence(first, last, pixels))
         else:
             lines.append(f"k-NN top-1: {base}{last['encoder']} {last['feature']} features {last['knn_top1']:.2f}% "
                          f"at epoch {last['epoch']}")

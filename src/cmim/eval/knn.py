@@ -64,9 +64,19 @@ def online_knn(encoder: MaskedEncoder, train_set: Dataset, test_set: Dataset, cf
               precision=cfg.train.precision)
     trf, trl = extract_features(encoder, first_n(train_set, mon.train_subset), **kw)
     tef, tel = extract_features(encoder, first_n(test_set, mon.test_subset), **kw)
+    return _probes(trf, trl, tef, tel, mon)
+
+
+def _probes(trf: Tensor, trl: Tensor, tef: Tensor, tel: Tensor, mon: Any) -> dict[str, float]:
+    """k-NN top-1/top-5 and, with ``monitor.linear_epochs``, the quick linear probe's top-1 (``linear_top1``)."""
     if (trl < 0).all():
         return {}
-    return knn_accuracy(trf, trl, tef, tel, k=mon.k, temperature=mon.temperature)
+    res = knn_accuracy(trf, trl, tef, tel, k=mon.k, temperature=mon.temperature)
+    if int(getattr(mon, "linear_epochs", 0)) > 0:
+        from cmim.eval.linear import quick_linear
+
+        res["linear_top1"] = quick_linear(trf, trl, tef, tel, int(mon.linear_epochs))
+    return res
 
 
 @torch.no_grad()
@@ -87,6 +97,4 @@ def pixel_knn(train_set: Dataset, test_set: Dataset, cfg: Any) -> dict[str, floa
     kw = dict(mean=d.mean, std=d.std, batch_size=mon.batch_size)
     trf, trl = pixel_features(first_n(train_set, mon.train_subset), **kw)
     tef, tel = pixel_features(first_n(test_set, mon.test_subset), **kw)
-    if (trl < 0).all():
-        return {}
-    return knn_accuracy(trf, trl, tef, tel, k=mon.k, temperature=mon.temperature)
+    return _probes(trf, trl, tef, tel, mon)

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 __all__ = ["KnnMonitor"]
 
 
+def _linear_text(res: dict[str, Any]) -> str:
+    return f", linear probe {res['linear_top1']:.2f}%" if "linear_top1" in res else ""
+
+
 class KnnMonitor(Callback):
     """``cfg.monitor``: every ``every_epochs`` epochs (0: never), and at the start when ``at_start``."""
 
@@ -74,16 +78,19 @@ class KnnMonitor(Callback):
                 res = pixel_knn(*self._sets, cfg)
                 if res:
                     self.pixel_knn = {"knn_top1": res["top1"], "knn_top5": res["top5"], "k": mon.k,
-                                      "train_images": mon.train_subset, "seconds": time.perf_counter() - t0}
-                    tqdm.write(f"[k-NN] raw pixels: top-1 {res['top1']:.2f}% (the baseline, k={mon.k})")
+                                      "train_images": mon.train_subset, "seconds": time.perf_counter() - t0,
+                                      **({"linear_top1": res["linear_top1"]} if "linear_top1" in res else {})}
+                    tqdm.write(f"[k-NN] raw pixels: top-1 {res['top1']:.2f}%{_linear_text(res)} (the baseline, "
+                               f"k={mon.k})")
             t0 = time.perf_counter()
             res = online_knn(trainer.method.encoder(mon.encoder), *self._sets, cfg, trainer.device)
             if res:
                 rec = {"epoch": trainer.epoch, "step": trainer.step, "knn_top1": res["top1"],
                        "knn_top5": res["top5"], "encoder": mon.encoder, "feature": mon.feature, "k": mon.k,
-                       "seconds": time.perf_counter() - t0}
+                       "seconds": time.perf_counter() - t0,
+                       **({"linear_top1": res["linear_top1"]} if "linear_top1" in res else {})}
                 self.history.append(rec)
                 trainer.logger.log(trainer.step, {k: v for k, v in rec.items() if k != "step"}, kind="knn")
-                tqdm.write(f"[k-NN] epoch {trainer.epoch} step {trainer.step}: top-1 {res['top1']:.2f}% "
-                           f"({mon.encoder}, {mon.feature} features, k={mon.k})")
+                tqdm.write(f"[k-NN] epoch {trainer.epoch} step {trainer.step}: top-1 {res['top1']:.2f}%"
+                           f"{_linear_text(res)} ({mon.encoder}, {mon.feature} features, k={mon.k})")
         barrier()
