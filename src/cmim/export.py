@@ -37,7 +37,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from cmim.core.errors import CheckpointError, ConfigError, first_line
+from cmim.core.errors import CheckpointError, ConfigError, first_line, load_error_detail
 from cmim.core.io import atomic_path, atomic_write_text, default_file_mode
 from cmim.eval.loading import EXPORT_META_KEY, HUB_WEIGHTS, EncoderSource, load_source
 from cmim.eval.timm_model import build_timm_model
@@ -332,7 +332,7 @@ def export_hub(ckpt: str | os.PathLike, out: str | os.PathLike, which: str = "te
                 rebuilt = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
         except Exception as e:  # noqa: BLE001 - whatever timm cannot rebuild is not exportable this way
             raise CheckpointError(f"cannot export the {meta['timm_name']} encoder as a Hub folder: timm does not "
-                                  f"rebuild it from config.json ({first_line(e)})") from None
+                                  f"rebuild it from config.json ({load_error_detail(e)})") from None
         enc = src.encoder.eval()
         x = _probe(enc, 2)
         with torch.no_grad():
