@@ -184,9 +184,9 @@ def test_onnx_matches_pytorch(checkpoints, tmp_path, capsys, umask_022, name):
     assert main(["export", str(checkpoints[name]), str(out), "--format", "onnx"]) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and "max abs diff" in line
-    assert out.stat().st_mode & 0o777 == 0o644 and sorted(p.name for p in tmp_path.iterdir()) == ["enc.json",
-                                                                                                    "enc.onnx"]
-    meta = json.loads(out.with_suffix(".json").read_text())
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.onnx", "enc.onnx.json"]
+    meta = json.loads((tmp_path / "enc.onnx.json").read_text())
     assert meta["max_abs_diff"] <= 1e-4 and meta["exporter"] in ("dynamo", "torchscript")
     assert meta["preprocessing"]["input_size"] == [3, 16, 16]
     enc = load_source(checkpoints[name]).encoder.eval()

@@ -13,7 +13,8 @@ its arguments and the preprocessing; ``model.safetensors``; a ``README.md`` mode
 itself: ``timm.create_model("local-dir:OUT", pretrained=True)``, or ``hf-hub:user/repo`` once uploaded.
 
 ``onnx``: ``OUT.onnx`` computing ``(tokens, embedding)`` = (``forward_features``, pooled features) for any
-batch size, checked against PyTorch with onnxruntime before it is kept.
+batch size, checked against PyTorch with onnxruntime before it is kept; ``OUT.onnx.json`` says how to
+preprocess the images and where the weights came from.
 
 :func:`load_encoder` opens any of the cmim-readable ones (and checkpoints) as a timm model.
 """
@@ -386,7 +387,7 @@ def _onnx_export(module: nn.Module, x: Tensor, path: Path) -> str:
 
 def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, which: str = "teacher") -> dict[str, Any]:
     """Write ``out`` (.onnx; inputs ``images`` (B, C, H, W) normalized as in training; outputs ``tokens`` and
-    ``embedding``) + ``out.json``, after onnxruntime reproduced PyTorch on two batch sizes; return the meta."""
+    ``embedding``) + ``out.onnx.json``, after onnxruntime reproduced PyTorch on two batch sizes; return the meta."""
     out = Path(out)
     if out.suffix != ".onnx":
         raise CheckpointError(f"--format onnx: the target must end in .onnx: {out}")
@@ -420,8 +421,13 @@ def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, which: str = "t
                 outputs={"tokens": ["batch", "1 + patches", "embed_dim"], "embedding": ["batch", "embed_dim"]},
                 pooling=str(getattr(module.model, "global_pool", "")),
                 preprocessing=pretrained_cfg_overlay(meta))
-    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(onnx_sidecar(out), json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def onnx_sidecar(out: str | os.PathLike) -> Path:
+    """``enc.onnx`` -> ``enc.onnx.json`` (not ``enc.json``: that is the sidecar of ``enc.safetensors``)."""
+    return Path(f"{out}.json")
 
 
 def load_encoder(path: str | os.PathLike, which: str = "teacher", **timm_kwargs: Any) -> nn.Module:
@@ -459,7 +465,7 @@ def _run(args: argparse.Namespace) -> int:
         meta = export_onnx(args.checkpoint, out, args.encoder)
         print(f"cmim export: {meta['method']} {meta['encoder']} encoder -> {out} ({meta['exporter']} exporter; "
               f"onnxruntime vs PyTorch max abs diff {meta['max_abs_diff']:.2e}; inputs 'images', outputs 'tokens', "
-              f"'embedding'; preprocessing in {Path(out).with_suffix('.json')})")
+              f"'embedding'; preprocessing in {onnx_sidecar(out)})")
         return 0
     meta = export_encoder(args.checkpoint, out, args.encoder)
     n = sum(t.numel() for t in load_encoder(out).state_dict().values() if torch.is_tensor(t))
@@ -476,7 +482,7 @@ def add_parser(subparsers: Any) -> None:
                               description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="cmim checkpoint (checkpoint.pt), or an earlier export")
     p.add_argument("out", help="--format safetensors: OUT.safetensors (+ OUT.json); hub: a folder; onnx: OUT.onnx "
-                               "(+ OUT.json)")
+                               "(+ OUT.onnx.json)")
     p.add_argument("--format", choices=FORMATS, default="safetensors",
                    help="safetensors (default): timm state dict + kwargs sidecar; hub: config.json + "
                         "model.safetensors + README.md that timm opens with 'local-dir:OUT' (and the Hub after "

@@ -427,10 +427,16 @@ def _run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     from cmim.eval.cli import allow_intermixed
 
-    desc = __doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("\n", " ")
+    desc = ("One pooled feature vector per image, with its relative path (and label, with class folders). The "
+            "images get the run's eval transform (resize, centre crop, normalization). OUT's suffix picks the "
+            "format: .npy (+ .paths.txt, .labels.npy, .json), .safetensors or .parquet (cmim[parquet]). Rows are "
+            "sorted by path and the output is byte-for-byte reproducible; an interrupted run resumes from "
+            "OUT.partial/ when re-run with the same command.")
+    usage = ("cmim embed SOURCE OUT [key=value ...] [options]\n"
+             "       cmim embed --arch RECIPE OUT [key=value ...] [options]")
     p = subparsers.add_parser("embed", help="write one feature vector per image (.npy, .safetensors, .parquet)",
-                              description=desc)
-    p.add_argument("words", nargs="+", metavar="SOURCE OUT [key=value ...]",
+                              description=desc, usage=usage)
+    p.add_argument("words", nargs="+", metavar="SOURCE OUT key=value",
                    help="SOURCE: checkpoint.pt, exported .safetensors or Hub folder (omitted with --arch); OUT: "
                         "emb.npy | emb.safetensors | emb.parquet; key=value: eval-config overrides (data.*, "
                         "batch_size, device, precision, test_subset, ...)")
