@@ -1,4 +1,4 @@
-"""``cmim`` command line: pretrain | eval | export | viz | report | bench | pipeline.
+"""``cmim`` command line: pretrain | eval | export | embed | viz | report | bench | pipeline.
 
 Errors a user can fix (bad config, missing path, incompatible checkpoint) print one ``cmim: error:`` line and
 exit with status 2; nothing is written before the config has been validated.
@@ -28,6 +28,7 @@ def register(name: str, module: str) -> None:
 
 register("eval", "cmim.eval.cli")
 register("export", "cmim.export")
+register("embed", "cmim.eval.embed")
 register("viz", "cmim.viz.cli")
 register("report", "cmim.report")
 register("bench", "cmim.bench")

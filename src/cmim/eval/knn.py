@@ -3,6 +3,7 @@ itself is :mod:`cmim.core.knn`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,28 +25,41 @@ def extract_features(encoder: MaskedEncoder, dataset: Dataset, *, feature: str =
     return feats[feature], labels
 
 
-@torch.no_grad()
 def extract_pooled(encoder: MaskedEncoder, dataset: Dataset, features: tuple[str, ...], *, mean=(0.5,),
                    std=(0.5,), device: torch.device | str = "cpu", batch_size: int = 256,
                    num_workers: int = 0, precision: str = "bf16") -> tuple[dict[str, Tensor], Tensor]:
     """Several pooled features of every sample in one encoder pass: {feature: (N, D) float32 CPU}, labels.
     The one feature extractor of k-NN, the linear probe's cache, the monitor, the pipeline and the plots."""
+    feats: dict[str, list[Tensor]] = {f: [] for f in features}
+    labels = []
+    for pooled, batch in pooled_batches(encoder, dataset, features, mean=mean, std=std, device=device,
+                                        batch_size=batch_size, num_workers=num_workers, precision=precision):
+        for f in features:
+            feats[f].append(pooled[f])
+        labels.append(batch["label"])
+    return {f: torch.cat(v) for f, v in feats.items()}, torch.cat(labels)
+
+
+def pooled_batches(encoder: MaskedEncoder, dataset: Dataset, features: tuple[str, ...], *, mean=(0.5,),
+                   std=(0.5,), device: torch.device | str = "cpu", batch_size: int = 256, num_workers: int = 0,
+                   precision: str = "bf16") -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+    """Batch by batch, in dataset order: ({feature: (B, D) float32 CPU}, the batch as loaded). The loop under
+    :func:`extract_pooled`, also used where results are written as they come (``cmim embed``'s chunks)."""
     device = torch.device(device)
     was_training = encoder.training
     encoder.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    feats: dict[str, list[Tensor]] = {f: [] for f in features}
-    labels = []
     mixed_precision = autocast(device, precision)
-    for batch in loader:
-        x = normalize(batch["image"].to(device, non_blocking=True), mean, std)
-        with mixed_precision:
-            tokens = encoder(x)
-        for f in features:
-            feats[f].append(MaskedEncoder.pool(tokens, f).float().cpu())
-        labels.append(batch["label"])
-    encoder.train(was_training)
-    return {f: torch.cat(v) for f, v in feats.items()}, torch.cat(labels)
+    try:
+        for batch in loader:
+            with torch.no_grad():
+                x = normalize(batch["image"].to(device, non_blocking=True), mean, std)
+                with mixed_precision:
+                    tokens = encoder(x)
+                pooled = {f: MaskedEncoder.pool(tokens, f).float().cpu() for f in features}
+            yield pooled, batch
+    finally:
+        encoder.train(was_training)
 
 
 def first_n(dataset: Dataset, n: int | None) -> Dataset:

@@ -27,6 +27,7 @@ from cmim.models import MaskedEncoder, build_encoder
 
 __all__ = [
     "EXPORT_META_KEY",
+    "HUB_WEIGHTS",
     "EncoderSource",
     "encoder_prefix",
     "encoder_prefixes",
@@ -177,7 +178,8 @@ def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _load_export_source(path: Path) -> EncoderSource:
+def _load_export_source(path: Path, folder: Path | None = None) -> EncoderSource:
+    """An exported file; ``folder``: the Hub-style folder (``cmim export --format hub``) it was found in."""
     meta = read_export_meta(path)
     sd = read_weights(path, what="export")
     try:
@@ -189,15 +191,24 @@ def _load_export_source(path: Path) -> EncoderSource:
     if unexpected or [k for k in missing if not k.startswith("head")]:
         raise CheckpointError(f"{path}: weights do not fit {meta['timm_name']} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return EncoderSource(enc.eval(), str(path), sha256_file(path), "export", meta.get("encoder", "teacher"),
-                         meta.get("method"), dict(meta.get("data", {})), None, extra={"export": meta})
+    extra: dict[str, Any] = {"export": meta, **({"hub_dir": str(folder)} if folder is not None else {})}
+    return EncoderSource(enc.eval(), str(folder or path), sha256_file(path), "export", meta.get("encoder", "teacher"),
+                         meta.get("method"), dict(meta.get("data", {})), None, extra=extra)
+
+
+HUB_WEIGHTS = "model.safetensors"  # the weights file of a Hub-style folder (timm's preferred name)
 
 
 def load_source(path: str | os.PathLike, which: str = "teacher") -> EncoderSource:
-    """Open a checkpoint (``which`` = teacher | student) or an exported ``.safetensors`` file."""
+    """Open a checkpoint (``which`` = teacher | student), an exported ``.safetensors`` file or a Hub-style folder
+    written by ``cmim export --format hub`` (its ``model.safetensors`` carries the same description)."""
     if which not in ("teacher", "student"):
         raise ConfigError(f"encoder: must be teacher or student, got {which!r}")
     p = Path(path)
+    if p.is_dir():
+        if not (p / HUB_WEIGHTS).is_file():
+            raise CheckpointError(f"{p} is a folder without {HUB_WEIGHTS} (not written by `cmim export --format hub`)")
+        return _load_export_source(p / HUB_WEIGHTS, folder=p)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     if is_safetensors(p):
