@@ -8,7 +8,8 @@ key=value, e.g. ``data.root=... data.val_fraction=0.2 data.split_seed=100``):
   mean of the *foreground* patch tokens only (patches whose pixels are not flat), and the mean feature centred
   (train mean subtracted) before the cosine;
 - a logistic-regression linear probe (scikit-learn, standardized features) on CLS and mean;
-- how much of the patch tokens' variance is *position* (the per-position mean over images), the mean cosine
+- how much of the patch tokens' variance is *position* (the per-position mean over images) and how much is
+  each image's own mean (what a global pooled feature keeps), the mean cosine
   between the global embeddings of different images, and the fraction of flat patches.
 
     python benchmarks/folder_probe.py RUN/checkpoint.pt random:configs/conmim_folder_cpu.yaml pixels \\
@@ -63,7 +64,8 @@ def tokens_of(src, ds, patch: int, mean: list[float], std: list[float], batch: i
     for b in DataLoader(ds, batch_size=batch, num_workers=2):
         img = b["image"]
         x = normalize(img, mean, std)
-        p = img.unfold(2, patch, patch).unfold(3, patch, patch)  # B C gh gw p p
+        unit = img.float() / 255 if img.dtype == torch.uint8 else img.float()
+        p = unit.unfold(2, patch, patch).unfold(3, patch, patch)  # B C gh gw p p
         flat = p.flatten(4).std(-1).amax(1).flatten(1) < FLAT_STD  # B L
         out["flat"].append(flat)
         out["y"].append(b["label"])
@@ -86,6 +88,14 @@ def position_share(tokens: torch.Tensor) -> float:
     centred = tokens - tokens.mean((0, 1), keepdim=True)
     per_pos = centred.mean(0, keepdim=True)
     return float((per_pos.pow(2).sum() * tokens.shape[0]) / centred.pow(2).sum())
+
+
+def image_share(tokens: torch.Tensor) -> float:
+    """Share of the patch tokens' variance that is each image's own mean token (the component a loss whose
+    negatives are only the other patches of the same image cannot see)."""
+    centred = tokens - tokens.mean((0, 1), keepdim=True)
+    per_image = centred.mean(1, keepdim=True)
+    return float((per_image.pow(2).sum() * tokens.shape[1]) / centred.pow(2).sum())
 
 
 def mean_cosine(f: torch.Tensor) -> float:
@@ -128,6 +138,7 @@ def main() -> int:
             mu = a["mean"].mean(0, keepdim=True)
             row["knn_mean_centred"] = knn(a["mean"] - mu, ya, b["mean"] - mu, yb)[0]
             row["position_share"] = position_share(b["tokens"])
+            row["image_share"] = image_share(b["tokens"])
             row["mean_cos_mean"] = mean_cosine(b["mean"])
             row["mean_cos_cls"] = mean_cosine(b["cls"])
         for f in (["pixels"] if src is None else ["cls", "mean"]):
