@@ -155,7 +155,7 @@ class MonitorConfig:
     health: bool = True
     health_images: int = 512
     collapse_rank_fraction: float = 0.25  # warn when the effective rank falls under this fraction of its start
-    collapse_cosine: float = 0.9  # ... or when the mean cosine between different images rises above this
+    collapse_cosine: float = 0.9  # ... or when the mean cosine between different images rises above this from below
 
 
 def _schema() -> type:
