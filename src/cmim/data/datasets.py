@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import threading
+import warnings
 import weakref
 import zlib
 from collections.abc import Iterable, Sequence
@@ -582,7 +583,9 @@ def _read_png16(path: str | os.PathLike) -> _Pixels:
     """A 16-bit PNG at full depth (PIL keeps 16 bits for grey only), scaled by 65535."""
     from torchvision.io import ImageReadMode, decode_png, read_file
 
-    t = decode_png(read_file(str(path)), ImageReadMode.UNCHANGED)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TorchCodec.*")  # torchvision >= 0.29 deprecation
+        t = decode_png(read_file(str(path)), ImageReadMode.UNCHANGED)
     return _Pixels(_to_unit(t.permute(1, 2, 0).numpy()), alpha=t.shape[0] in (2, 4))
 
 
