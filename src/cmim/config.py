@@ -154,7 +154,7 @@ class MonitorConfig:
     # std and mean cosine of the L2-normalized features of a fixed sample of held-out (else training) images
     health: bool = True
     health_images: int = 512
-    collapse_rank_fraction: float = 0.25  # warn when the effective rank falls under this fraction of its start
+    collapse_fraction: float = 0.25  # warn when the effective rank or the feature std falls under this x its start
     collapse_cosine: float = 0.9  # ... or when the mean cosine between different images rises above this from below
 
 
@@ -356,8 +356,8 @@ def validate(cfg: DictConfig) -> None:
              "monitor.feature: must be mean, cls or gridG (e.g. grid2)")
     require(mon.k >= 1 and mon.temperature > 0, "monitor.k/temperature: must be positive")
     require(mon.health_images >= 2, f"monitor.health_images: need at least 2, got {mon.health_images}")
-    require(0.0 <= mon.collapse_rank_fraction <= 1.0 and 0.0 < mon.collapse_cosine <= 1.0,
-            "monitor.collapse_rank_fraction/collapse_cosine: must be in [0, 1]")
+    require(0.0 <= mon.collapse_fraction <= 1.0 and 0.0 < mon.collapse_cosine <= 1.0,
+            "monitor.collapse_fraction/collapse_cosine: must be in [0, 1]")
     for spec in specs.values():  # every section, not only the chosen method's: a recipe may switch method=
         spec.validate(cfg)
 

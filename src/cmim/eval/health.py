@@ -8,11 +8,16 @@ The images: ``monitor.health_images`` of the held-out split (``data.eval_split``
 training split, chosen once with a fixed seed, so every measurement of a run sees the same images.
 
 Collapse warning (one line), against the run's first measurement (the random-init or ``model.init_from``
-encoder with ``monitor.at_start``; else the first epoch's): the effective rank under
-``monitor.collapse_rank_fraction`` (0.25) of its start value, or the mean cosine between different images risen
-above ``monitor.collapse_cosine`` (0.9) from at most that at the start. The cosine rule is relative because a
-random-init ViT's mean-pooled features already share one large common direction (mean cosine about 0.98 for the
-test suite's tiny ViT), which is no collapse; the first measurement is the reference and never warns.
+encoder with ``monitor.at_start``; else the first epoch's), when any of:
+
+- the effective rank fell under ``monitor.collapse_fraction`` (0.25) of its start value (dimensional collapse:
+  the images spread over ever fewer directions);
+- the feature std fell under that fraction of its start value (complete collapse: every image near one point);
+- the mean cosine between different images rose above ``monitor.collapse_cosine`` (0.9) from at most that.
+
+The rules are relative to the start because a random-init ViT is far from spread out already: its mean-pooled
+features share one large common direction (mean cosine about 0.98 and an effective rank of about 4 of 32 for the
+test suite's tiny ViT), which is no collapse. The first measurement is the reference and never warns.
 """
 
 from __future__ import annotations
@@ -40,14 +45,15 @@ __all__ = ["HEALTH_SEED", "HealthMonitor", "collapse_reason"]
 HEALTH_SEED = 0
 
 
-def collapse_reason(rec: dict[str, Any], start: dict[str, Any], rank_fraction: float,
-                    max_cosine: float) -> str | None:
+def collapse_reason(rec: dict[str, Any], start: dict[str, Any], fraction: float, max_cosine: float) -> str | None:
     """Why ``rec`` looks collapsed next to the run's ``start`` record (None: it does not; the start never does)."""
     if rec is start:
         return None
     why = []
-    if rec["eff_rank"] < rank_fraction * start["eff_rank"]:
-        why.append(f"effective rank {rec['eff_rank']:.2f} < {rank_fraction:g} x its start {start['eff_rank']:.2f}")
+    if rec["eff_rank"] < fraction * start["eff_rank"]:
+        why.append(f"effective rank {rec['eff_rank']:.2f} < {fraction:g} x its start {start['eff_rank']:.2f}")
+    if rec["feat_std"] < fraction * start["feat_std"]:
+        why.append(f"feature std {rec['feat_std']:.4f} < {fraction:g} x its start {start['feat_std']:.4f}")
     if rec["mean_cos"] > max_cosine >= start["mean_cos"]:
         why.append(f"mean cosine {rec['mean_cos']:.3f} > {max_cosine:g}, from {start['mean_cos']:.3f} at the start")
     return "; ".join(why) or None
@@ -123,7 +129,7 @@ class HealthMonitor(Callback):
                                    "dim": h["dim"], "held_out": self._held_out, "encoder": mon.encoder,
                                    "feature": mon.feature}
             start = self.history[0] if self.history else rec
-            why = collapse_reason(rec, start, mon.collapse_rank_fraction, mon.collapse_cosine)
+            why = collapse_reason(rec, start, mon.collapse_fraction, mon.collapse_cosine)
             rec["collapsed"] = why is not None
             rec["seconds"] = time.perf_counter() - t0
             self.history.append(rec)

@@ -94,9 +94,11 @@ def _adapt(key: str, src: Tensor, dst: Tensor, encoder: MaskedEncoder) -> Tensor
 
 @torch.no_grad()
 def init_encoder_from(encoder: MaskedEncoder, path: str | os.PathLike, keep_pos_embed: bool = False) -> InitReport:
-    """Load what fits of ``path``'s ViT into ``encoder`` (in place; see the module docstring) and report it.
-    ``keep_pos_embed``: leave the position embedding as it is (a fixed sin-cos table). Raises
-    :class:`CheckpointError` when no tensor fits at all (another architecture)."""
+    """Load ``path``'s ViT into ``encoder`` (in place; see the module docstring) and report it. Blocks or tokens
+    the file lacks stay at their init and extra ones are ignored (a shallower encoder takes the first blocks);
+    ``keep_pos_embed`` leaves the position embedding as it is (a fixed sin-cos table). Raises
+    :class:`CheckpointError` when a tensor has a shape that cannot be adapted (another width or head count), or
+    nothing fits at all; nothing is loaded then."""
     weights = read_encoder_weights(path)
     src = dict(weights.state)
     report = InitReport(weights.path, weights.source)
@@ -137,5 +139,9 @@ def init_encoder_from(encoder: MaskedEncoder, path: str | os.PathLike, keep_pos_
     if not new:
         raise CheckpointError(f"model.init_from {weights.path} ({weights.source}): no tensor fits this encoder "
                               f"(file: {', '.join(sorted(weights.state)[:3])}; encoder: {', '.join(list(target)[:3])})")
+    if report.mismatched:  # another width / head count / MLP ratio: a partial load would pass for a good one
+        shown = "; ".join(f"{k} {tuple(a)} in the file, {tuple(b)} here" for k, a, b in report.mismatched[:2])
+        raise CheckpointError(f"model.init_from {weights.path}: {len(report.mismatched)} tensors do not fit this "
+                              f"encoder ({shown}): set model.embed_dim / num_heads / mlp_ratio to the file's")
     encoder.backbone.load_state_dict(new, strict=False)
     return report
