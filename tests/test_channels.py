@@ -290,6 +290,10 @@ def test_pretrain_conmim_on_5band_tiffs_then_eval_knn(tmp_path: Path, capsys: py
     assert result["config"]["data"]["mean"] == stats["mean"]  # the checkpoint's numbers, not "auto"
     assert result["features"]["train_samples"] + result["features"]["test_samples"] == 16
     assert "cmim eval knn" in capsys.readouterr().out
+    # timm's PIL augmentations take 8-bit 1/3-channel images: fine-tuning says so in one line
+    assert main(["eval", "finetune", summary["checkpoint"], "data.num_workers=0"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "data.in_chans=5" in err[0]
 
 
 def test_pretrain_mocov3_on_12bit_pngs_unlabeled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
