@@ -181,7 +181,9 @@ class StepRunner:
         self.accum = int(t.accum_steps)
         self.micro = t.batch_size // self.accum
         self.forward = torch.compile(self.method) if t.compile else self.method
-        self.view_maker = ViewMaker(self.method.view_spec(), d.mean, d.std, d.in_chans).to(device)
+        # data.mean/std=auto changes no timing: unit statistics stand in for the estimate a run makes first
+        mean, std = ([0.5] * d.in_chans if isinstance(v, str) else v for v in (d.mean, d.std))
+        self.view_maker = ViewMaker(self.method.view_spec(), mean, std, d.in_chans).to(device)
         self.train_step = TrainStep(self.method, self.optimizer, self.view_maker, device, accum_steps=self.accum,
                                     precision=t.precision, clip_grad=cfg.optim.clip_grad, model=self.forward)
         self._lr = lambda step: cosine_schedule(step, total_steps, peak_lr(cfg), cfg.optim.min_lr, 0)

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cmim.core.errors import ConfigError, require
 from cmim.core.precision import PRECISIONS
+from cmim.data.datasets import BIT_DEPTHS, needs_float_pixels
 
 
 @dataclass
@@ -40,6 +41,9 @@ class ModelConfig:
     frozen_patch_embed: bool = False  # MoCo v3's frozen random patch projection
     global_pool: str = "avg"  # pooled feature of the exported timm model: "avg" (mean of patch tokens) | "token"
     init: str = "timm"  # "timm" (timm's default init) | "mocov3" (MoCo v3's xavier init, qkv as three matrices)
+    # start the encoder (and so its EMA teacher) from a weights file or Hub-style folder: timm / MAE / DINO / MoCo v3
+    # release, cmim checkpoint or export; position embedding and patch embedding adapted (cmim.models.init_from)
+    init_from: str | None = None
 
 
 @dataclass
@@ -49,9 +53,14 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "test"
     img_size: int = 224
-    in_chans: int = 3
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    in_chans: int = 3  # any N >= 1; other than 1 or 3: a folder of N-channel files (TIFF, 16-bit PNG, .npy)
+    # per-channel normalization; "auto": estimated from a fixed sample of the training images when pre-training
+    # starts (cmim.data.stats), and the numbers stored with the run (config.yaml, checkpoint)
+    mean: list[float] | str = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] | str = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # "auto": 8 bits for 1- and 3-channel runs (16-bit files rounded), full depth otherwise | "8" | "full": every
+    # file at its own depth, scaled to [0, 1] (float32 views; cmim.data.datasets.load_pixels)
+    bit_depth: str = "auto"
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
     interpolation: str = "bicubic"
@@ -155,6 +164,12 @@ class MonitorConfig:
     # head) on the same images, for the encoder and the raw pixels: the second piece of evidence the folder
     # recipes print beside k-NN. 0: k-NN only.
     linear_epochs: int = 0
+    # label-free health of the embeddings on the same schedule (cmim.eval.health): effective rank, per-dimension
+    # std and mean cosine of the L2-normalized features of a fixed sample of held-out (else training) images
+    health: bool = True
+    health_images: int = 512
+    collapse_fraction: float = 0.25  # warn when the effective rank or the feature std falls under this x its start
+    collapse_cosine: float = 0.9  # ... or when the mean cosine between different images rises above this from below
 
 
 def _schema() -> type:
@@ -210,6 +225,19 @@ def _one_line(e: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
+def _float_stats(layer: Any) -> Any:
+    """``data.mean/std`` written with integers (``[0, 1, 1]``) are floats: the field's ``list[float] | str`` union
+    takes only floats, where a plain ``list[float]`` converted them."""
+    data = layer.get("data") if isinstance(layer, dict | DictConfig) else None
+    if isinstance(data, dict | DictConfig):
+        for key in ("mean", "std"):
+            value = data.get(key)
+            if isinstance(value, list | ListConfig) and all(
+                    isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+                data[key] = [float(v) for v in value]
+    return layer
+
+
 def merge_config(schema: type, layers: list[Any], recipe: str | os.PathLike | None,
                  overrides: list[str] | None, check: Callable[[DictConfig], None]) -> DictConfig:
     """Schema <- ``layers`` (plain dicts) <- recipe YAML (with ``_base_``) <- ``key=value`` overrides, then
@@ -217,14 +245,14 @@ def merge_config(schema: type, layers: list[Any], recipe: str | os.PathLike | No
     cfg = OmegaConf.structured(schema)
     try:
         for layer in layers:
-            cfg = OmegaConf.merge(cfg, layer)
+            cfg = OmegaConf.merge(cfg, _float_stats(layer))
         if recipe is not None:
-            cfg = OmegaConf.merge(cfg, read_recipe(Path(recipe).resolve()))
+            cfg = OmegaConf.merge(cfg, _float_stats(read_recipe(Path(recipe).resolve())))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override must look like key=value: {bad[0]!r}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            cfg = OmegaConf.merge(cfg, _float_stats(OmegaConf.from_dotlist(list(overrides))))
         check(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
@@ -250,8 +278,20 @@ def validate_data_input(d: DictConfig) -> None:
             require(Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
         else:
             require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
-    require(len(d.mean) == d.in_chans and len(d.std) == d.in_chans,
-            f"data.mean/std: need {d.in_chans} values each (data.in_chans)")
+    require(d.in_chans >= 1, f"data.in_chans: must be >= 1, got {d.in_chans}")
+    require(d.in_chans in (1, 3) or d.name in ("folder", "synthetic"),
+            f"data.in_chans: {d.name} images have 1 or 3 channels; {d.in_chans} channels need data.name=folder")
+    for key in ("mean", "std"):
+        value = d[key]
+        if isinstance(value, str):
+            require(value == "auto", f"data.{key}: a list of {d.in_chans} values or 'auto', got {value!r}")
+        else:
+            require(len(value) == d.in_chans, f"data.mean/std: need {d.in_chans} values each (data.in_chans)")
+    require(not isinstance(d.std, str) and all(s > 0 for s in d.std) or d.std == "auto",
+            "data.std: values must be positive")
+    require(d.bit_depth in BIT_DEPTHS, f"data.bit_depth: must be one of {', '.join(BIT_DEPTHS)}, got {d.bit_depth!r}")
+    require(d.bit_depth != "8" or d.in_chans in (1, 3),
+            f"data.bit_depth=8 holds 1- or 3-channel images; {d.in_chans} channels are read at full depth (auto)")
     require(d.max_image_pixels is None or d.max_image_pixels > 0, "data.max_image_pixels: must be positive or null")
     require(len(d.background) == 3 and all(0 <= v <= 255 for v in d.background),
              f"data.background: need 3 values in 0..255 (an RGB colour), got {list(d.background)}")
@@ -284,8 +324,6 @@ def validate(cfg: DictConfig) -> None:
     require(0.0 <= m.drop_path < 1.0, f"model.drop_path: must be in [0, 1), got {m.drop_path}")
     require(d.img_size > 0 and d.img_size % m.patch_size == 0,
              f"data.img_size: {d.img_size} is not divisible by model.patch_size {m.patch_size}")
-    require(d.in_chans in (1, 3), f"data.in_chans: must be 1 or 3, got {d.in_chans}")
-    require(all(s > 0 for s in d.std), "data.std: values must be positive")
     require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
              f"data.crop_scale: need 0 < min <= max <= 1, got {list(d.crop_scale)}")
     require(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1],
@@ -301,6 +339,9 @@ def validate(cfg: DictConfig) -> None:
     require(d.decode in ("cpu", "device"), f"data.decode: must be cpu or device, got {d.decode!r}")
     require(d.decode == "cpu" or d.name == "folder",
             f"data.decode=device decodes JPEG files of data.name=folder; {d.name} is held decoded in memory")
+    require(d.decode == "cpu" or not needs_float_pixels(d.in_chans, d.bit_depth),
+            "data.decode=device decodes 8-bit JPEGs; full bit depth and other channel counts decode on the CPU")
+    require(m.init_from is None or Path(m.init_from).exists(), f"model.init_from: not found: {m.init_from}")
     require(mk.kind in ("block", "random"), f"mask.kind: must be block or random, got {mk.kind!r}")
     require(0.0 < mk.ratio < 1.0, f"mask.ratio: must be in (0, 1), got {mk.ratio}")
     grid = d.img_size // m.patch_size
@@ -332,6 +373,9 @@ def validate(cfg: DictConfig) -> None:
     require(mon.feature in ("mean", "cls") or (mon.feature.startswith("grid") and mon.feature[4:].isdigit()),
              "monitor.feature: must be mean, cls or gridG (e.g. grid2)")
     require(mon.k >= 1 and mon.temperature > 0, "monitor.k/temperature: must be positive")
+    require(mon.health_images >= 2, f"monitor.health_images: need at least 2, got {mon.health_images}")
+    require(0.0 <= mon.collapse_fraction <= 1.0 and 0.0 < mon.collapse_cosine <= 1.0,
+            "monitor.collapse_fraction/collapse_cosine: must be in [0, 1]")
     for spec in specs.values():  # every section, not only the chosen method's: a recipe may switch method=
         spec.validate(cfg)
 

@@ -144,7 +144,9 @@ def _fmt_time(s: float) -> str:
 
 # --- the command --------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
+    from cmim.data.stats import resolve_auto_stats
     from cmim.engine.trainer import Trainer  # heavy import, only when the command runs
+    from cmim.eval.health import HealthMonitor
     from cmim.eval.monitor import KnnMonitor
     from cmim.train import print_pretrain_summary
 
@@ -155,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     cfg1, cfg2, teacher_ckpt = load_stage_configs(args)
     out = Path(args.out_dir)
     device = resolve_device(cfg2.train.device)
+    for c in (cfg1, cfg2):  # data.mean/std=auto: the numbers before the random-init k-NN uses them
+        resolve_auto_stats(c.data)
     mon = cfg2.monitor
     sets = (first_n(build_eval_dataset(cfg2.data, cfg2.data.train_split),
                     _subset(args.knn_train_subset, mon.train_subset)),
@@ -173,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"cmim pipeline: [1/3] stage 1, {cfg1.method} teacher -> {out / 'teacher'}", flush=True)
     t = time.perf_counter()
-    summary1 = Trainer(cfg1, callbacks=[KnnMonitor(cfg1)]).train()
+    summary1 = Trainer(cfg1, callbacks=[KnnMonitor(cfg1), HealthMonitor(cfg1)]).train()
     cleanup()
     print_pretrain_summary(summary1)
     times[f"stage 1 ({cfg1.method}, {cfg1.train.epochs} ep)"] = time.perf_counter() - t
@@ -181,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"cmim pipeline: [2/3] stage 2, mimco student -> {out / 'student'}", flush=True)
     cfg2.mimco.teacher = str(teacher_ckpt)
     t = time.perf_counter()
-    trainer2 = Trainer(cfg2, callbacks=[KnnMonitor(cfg2)])
+    trainer2 = Trainer(cfg2, callbacks=[KnnMonitor(cfg2), HealthMonitor(cfg2)])
     summary2 = trainer2.train()
     cleanup()
     print_pretrain_summary(summary2)

@@ -1,4 +1,5 @@
-"""``cmim pretrain`` as a library call: the engine's training loop with the online k-NN monitor."""
+"""``cmim pretrain`` as a library call: the engine's training loop with the online k-NN monitor and the
+label-free health check."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) pre-training with ``cfg`` (see :func:`cmim.config.load_config`); returns the summary
     that is also written to ``out_dir/summary.json``."""
     from cmim.engine.trainer import pretrain as run
+    from cmim.eval.health import HealthMonitor
     from cmim.eval.monitor import KnnMonitor
 
-    return run(cfg, callbacks=[KnnMonitor(cfg)])
+    return run(cfg, callbacks=[KnnMonitor(cfg), HealthMonitor(cfg)])
 
 
 def _evidence(first: dict, last: dict, pixels: dict | None) -> list[str]:

@@ -1,7 +1,8 @@
 """The one reader of weight files (cmim checkpoints, `cmim export` safetensors, the MoCo v3 release, timm
 weights): safetensors, or ``torch.load(weights_only=True)``, with every failure turned into one
 :class:`~cmim.core.errors.CheckpointError` line; and the structural checks of a cmim checkpoint. Nothing else
-in cmim opens a weights file.
+in cmim opens a weights file. :func:`read_encoder_weights` finds a ViT's weights inside any of them (and MAE /
+DINO releases, Hub-style folders) for ``model.init_from``.
 
 A pickle can run any code while it is unpickled, so a file that asks for any Python global beyond tensors
 and plain values is refused (:class:`~cmim.core.errors.UnsafeCheckpointError`), never retried with full
@@ -14,6 +15,7 @@ import os
 import pickle
 import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,8 @@ import torch
 
 from cmim.core.errors import CheckpointError, UnsafeCheckpointError, first_line
 
-__all__ = ["LEGACY_HINT", "check_state_dict", "is_int", "is_safetensors", "load_checkpoint", "read_safetensors_meta",
-           "read_weights"]
+__all__ = ["LEGACY_HINT", "EncoderWeights", "check_state_dict", "is_int", "is_safetensors", "load_checkpoint",
+           "read_encoder_weights", "read_safetensors_meta", "read_weights"]
 
 _GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
 # what torch's weights-only unpickler says when a file asks for more than tensors and plain values
@@ -138,3 +140,71 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+# --- a ViT's weights inside any release file (model.init_from) ------------------------------------------------
+#: files a Hub-style model folder holds its weights in, in order of preference
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+#: entries of a checkpoint dict that hold a model's state dict, in order of preference (DINO / iBOT keep their
+#: EMA encoder under "teacher", MAE under "model", MoCo v3 under "state_dict")
+STATE_ENTRIES = ("teacher", "model", "state_dict", "student", "module")
+_PATCH = "patch_embed.proj.weight"  # marks a ViT (timm, MAE, DINO, MoCo v3, BEiT): its prefix is the encoder's
+# encoders of a file that are not the one to start from: MoCo v3's key encoder (its base encoder is what the
+# reference fine-tunes), MimCo's frozen teacher, decoders
+_NOT_PREFERRED = ("momentum_encoder", "contrastive_teacher", "target_encoder", "decoder")
+
+
+@dataclass
+class EncoderWeights:
+    """A ViT's tensors from a weights file, keys relative to the timm backbone (``blocks.0.attn.qkv.weight``), plus
+    ``mask_token`` when the file has the encoder's; ``source`` says where in the file they were found."""
+
+    state: dict[str, torch.Tensor]
+    path: str
+    source: str
+    others: list[str] = field(default_factory=list)  # other encoder prefixes the file holds (not taken)
+
+
+def _tensors(obj: Any) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)} if isinstance(obj, dict) else {}
+
+
+def _state_dict_of(obj: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, where): the file itself when it maps names to tensors, else its first entry that does."""
+    own = _tensors(obj)
+    if own and any(k.endswith(_PATCH) for k in own):
+        return own, "top level"
+    if isinstance(obj, dict):
+        for key in STATE_ENTRIES:
+            sd = _tensors(obj.get(key))
+            if any(k.endswith(_PATCH) for k in sd):
+                return sd, f"'{key}' entry"
+    return own, "top level"
+
+
+def _rank(prefix: str) -> tuple[bool, bool, int]:
+    """Preference among the ViTs of one state dict: not a key encoder / frozen teacher / decoder; a cmim
+    checkpoint's EMA teacher before its student; then the shortest prefix."""
+    return (any(w in prefix for w in _NOT_PREFERRED), not prefix.startswith("teacher."), len(prefix))
+
+
+def read_encoder_weights(path: str | os.PathLike) -> EncoderWeights:
+    """The ViT encoder weights in ``path``: a safetensors or weights-only torch file (a timm state dict, an MAE / DINO
+    / MoCo v3 release, a cmim checkpoint or export) or a Hub-style folder (``model.safetensors``). The encoder is
+    the ViT (``*patch_embed.proj.weight``) under prefixes such as ``module.``, ``backbone.``, ``base_encoder.``,
+    ``encoder.`` or a cmim checkpoint's ``teacher.backbone.``; see :func:`_rank` when a file holds several."""
+    path = Path(path)
+    if path.is_dir():
+        found = next((path / f for f in HUB_WEIGHT_FILES if (path / f).is_file()), None)
+        if found is None:
+            raise CheckpointError(f"model.init_from: {path} is a folder without {' or '.join(HUB_WEIGHT_FILES)}")
+        path = found
+    obj = read_weights(path, what="model.init_from weights")
+    sd, where = _state_dict_of(obj)
+    prefixes = sorted({k[: -len(_PATCH)] for k in sd if k.endswith(_PATCH)}, key=_rank)
+    if not prefixes:
+        raise CheckpointError(f"model.init_from: {path} holds no ViT weights (no '*{_PATCH}' tensor)")
+    prefix = prefixes[0]
+    state = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if prefix.endswith("backbone.") and f"{prefix[: -len('backbone.')]}mask_token" in sd:  # a cmim encoder
+        state["mask_token"] = sd[f"{prefix[: -len('backbone.')]}mask_token"]
+    source = where + (f", prefix '{prefix}'" if prefix else "")
+    return EncoderWeights(state, str(path), source, prefixes[1:])

@@ -11,15 +11,18 @@ from cmim.data.augment import (
     apply_photometric,
     normalize,
     sample_photometric_params,
+    to_unit,
 )
 from cmim.data.datasets import (
     CIFAR,
     BaseImageDataset,
+    ChannelMismatch,
     FashionMNIST,
     ImageFolderDataset,
     SubsetDataset,
     SyntheticDataset,
     build_base_dataset,
+    load_pixels,
     scan_unreadable,
     skip_report,
 )
@@ -38,6 +41,7 @@ __all__ = [
     "PARAM_NAMES",
     "PROFILES",
     "BaseImageDataset",
+    "ChannelMismatch",
     "EvalDataset",
     "FashionMNIST",
     "ImageFolderDataset",
@@ -53,8 +57,10 @@ __all__ = [
     "build_pretrain_dataset",
     "held_out_mask",
     "twin_groups",
+    "load_pixels",
     "normalize",
     "sample_photometric_params",
     "scan_unreadable",
     "skip_report",
+    "to_unit",
 ]

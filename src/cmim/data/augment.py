@@ -25,6 +25,19 @@ idx   name                meaning
 
 When ``jitter`` is 0 the four factors are stored as their identity values, so the vector always holds
 the *effective* parameters. The row for the ``"none"`` profile is :data:`IDENTITY_PARAMS`.
+
+Channel counts. Saturation, hue and grayscale are colour operations, defined for 3 (RGB) channels only; with
+1 or N != 3 channels they are skipped (their parameters are still drawn, so every profile draws the same
+numbers whatever the channel count). What the profiles (ConMIM's ``conmim_strong`` teacher view, MoCo v3's
+``byol1``/``byol2``) do with N channels, all on [0, 1] data:
+
+- brightness: every channel times the same factor (an exposure change, the same for all bands);
+- contrast: each channel blended with *its own* mean (the RGB path blends with the mean luma, which has no
+  meaning across bands of different units); for 1 channel both are the same;
+- blur: the same Gaussian on every channel; solarize: ``x >= 0.5 -> 1 - x`` on every channel.
+
+SimMIM and MimCo's default views (profile ``"none"``) have no photometric step: crops and flips only.
+Views arrive as uint8 crops (divided by 255 here) or, from ``float_pixels`` datasets, float32 crops in [0, 1].
 """
 
 from __future__ import annotations
@@ -56,6 +69,7 @@ __all__ = [
     "normalize",
     "rgb_to_grayscale",
     "sample_photometric_params",
+    "to_unit",
 ]
 
 PARAM_NAMES: tuple[str, ...] = (
@@ -282,7 +296,8 @@ def apply_photometric(x: Tensor, params: Tensor, in_chans: int, blur_radius: int
     Args:
         x: float (B, C, H, W) in [0, 1].
         params: (B, K) as produced by :func:`sample_photometric_params`.
-        in_chans: channel count; on 1 channel the colour-only ops (saturation, hue, grayscale) are skipped.
+        in_chans: channel count; on any count but 3 the colour-only ops (saturation, hue, grayscale) are skipped,
+            and with N != 1, 3 contrast blends each channel with its own mean (module docstring).
         blur_radius: static blur kernel radius (default from the registered profiles).
 
     Every op is computed for the whole batch and selected per sample with ``torch.where``, so there is no
@@ -294,6 +309,7 @@ def apply_photometric(x: Tensor, params: Tensor, in_chans: int, blur_radius: int
             f"expected x (B, C, H, W) and params (B, {NUM_PARAMS}); got {x.shape}, {params.shape}"
         )
     color = in_chans == 3
+    bands = in_chans not in (1, 3)  # N channels: contrast about each channel's own mean
     p = params.to(device=x.device, dtype=x.dtype)
     jitter = p[:, _JIT] > 0.5
     one = torch.ones_like(p[:, 0])
@@ -310,9 +326,13 @@ def apply_photometric(x: Tensor, params: Tensor, in_chans: int, blur_radius: int
         factor = torch.where(
             is_b, factors[0], torch.where(is_c, factors[1], torch.where(is_s, factors[2], one))
         )
-        gray = rgb_to_grayscale(x)
-        mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
-        ref = torch.where(_bcast(is_s), gray, torch.where(_bcast(is_c), mean, torch.zeros_like(mean)))
+        if bands:
+            mean = x.mean(dim=(-2, -1), keepdim=True)
+            ref = torch.where(_bcast(is_c), mean, torch.zeros_like(mean))
+        else:
+            gray = rgb_to_grayscale(x)
+            mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
+            ref = torch.where(_bcast(is_s), gray, torch.where(_bcast(is_c), mean, torch.zeros_like(mean)))
         x = _blend(x, ref, factor)
         if color:
             x = _apply_selected(x, (op == _OP_HUE) & jitter, lambda v, i: batched_adjust_hue(v, hue[i]))
@@ -333,13 +353,19 @@ def _as_stat(v: Sequence[float] | Tensor, in_chans: int, name: str) -> Tensor:
     return t.reshape(1, in_chans, 1, 1).clone()
 
 
+def to_unit(x: Tensor) -> Tensor:
+    """Pixels as float32 in [0, 1]: uint8 divided by 255 (a new tensor), float pixels (already in [0, 1]) as they
+    are. The dtype is known on the host, so no sync."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
 def normalize(x_uint8: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
-    """uint8 (..., C, H, W) → float32 ``(x / 255 - mean) / std`` on x's device.
+    """uint8 (..., C, H, W) → float32 ``(x / 255 - mean) / std`` on x's device (float pixels in [0, 1]: not divided).
 
     Sequences are applied as Python scalars per channel, so no host → device copy (and no sync) happens.
     """
     c = x_uint8.shape[-3]
-    x = x_uint8.float().div_(255.0)
+    x = to_unit(x_uint8)
     if isinstance(mean, Tensor) or isinstance(std, Tensor):
         shape = (c, 1, 1)
         m = _as_stat(mean, c, "mean").reshape(shape).to(x.device)
@@ -375,7 +401,7 @@ class ViewMaker(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, crops: Tensor, aug: Tensor) -> list[Tensor]:
-        """crops uint8 (B, num_crops, C, H, W), aug (B, V, K) → V float32 tensors (B, C, H, W).
+        """crops uint8 or float32 (B, num_crops, C, H, W), aug (B, V, K) → V float32 tensors (B, C, H, W).
 
         Pixel work stays in float32 even inside the training step's bf16 autocast (which would otherwise run
         the blur convolution in bf16): the views are the same as the torchvision reference pipeline's.
@@ -386,7 +412,7 @@ class ViewMaker(torch.nn.Module):
     def _views(self, crops: Tensor, aug: Tensor) -> list[Tensor]:
         bsz = crops.shape[0]
         used = sorted(set(self.crop_of_view))
-        unit = {c: crops[:, c].float().div_(255.0) for c in used}
+        unit = {c: to_unit(crops[:, c]) for c in used}
         views: list[Tensor | None] = [None] * len(self.profiles)
         aug_views = [v for v, p in enumerate(self.profiles) if p != "none"]
         if aug_views:

@@ -5,6 +5,11 @@ view pipeline can skip any decoding; folder sets return PIL images already conve
 (transparency composited over ``data.background``). Every dataset delivers exactly ``in_chans`` channels,
 so downstream code never converts modes. Unreadable or oversized files of a folder are skipped and
 recorded, never fatal (:class:`ImageFolderDataset`, :func:`skip_report`).
+
+Other channel counts and full bit depth (``data.in_chans`` not 1 or 3, or ``data.bit_depth=full``): a dataset
+with :attr:`BaseImageDataset.float_pixels` set is turned into float32 views; its folder items are float32
+arrays (H, W, C) in [0, 1] read at the file's full depth (:func:`load_pixels`: multi-band TIFF, 16-bit PNG,
+``.npy``), and its 8-bit items are divided by 255 by the view stage.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import os
 import pickle
 import threading
+import warnings
 import weakref
 import zlib
 from collections.abc import Iterable, Sequence
@@ -29,6 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from cmim.core.cpus import loader_workers
+from cmim.core.errors import ConfigError
 from cmim.core.io import atomic_write_text
 from cmim.data.cache import DecodedCache, default_cache_dir
 from cmim.data.splits import DEFAULT_TWIN_COSINE, held_out_mask, twin_groups
@@ -42,14 +49,22 @@ __all__ = [
     "BaseImageDataset",
     "FashionMNIST",
     "ImageFolderDataset",
+    "BIT_DEPTHS",
+    "ChannelMismatch",
     "ImageTooLarge",
     "SubsetDataset",
     "SyntheticDataset",
     "all_reduce_skips",
     "build_base_dataset",
+    "check_channels",
+    "check_folder_channels",
     "composite_on",
     "convert_mode",
+    "fit_channels",
+    "needs_float_pixels",
+    "image_channels",
     "load_image",
+    "load_pixels",
     "read_skip_list",
     "scan_unreadable",
     "skip_report",
@@ -59,7 +74,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".npy")
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -89,6 +104,8 @@ class BaseImageDataset(Dataset):
     classes: list[str]
     targets: np.ndarray
     in_chans: int
+    #: the view stage makes float32 views: items may be float32 (H, W, C) arrays in [0, 1] (8-bit items are / 255)
+    float_pixels: bool = False
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -111,9 +128,20 @@ class BaseImageDataset(Dataset):
 
 
 def _check_in_chans(in_chans: int) -> int:
-    if in_chans not in (1, 3):
-        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
-    return in_chans
+    if int(in_chans) < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    return int(in_chans)
+
+
+BIT_DEPTHS = ("auto", "8", "full")
+
+
+def needs_float_pixels(in_chans: int, bit_depth: str = "auto") -> bool:
+    """Whether a run's views are float32 from float items instead of uint8 images: any channel count but 1 or 3
+    (PIL has no such modes), or ``data.bit_depth=full`` (16-bit files keep their depth)."""
+    if str(bit_depth) not in BIT_DEPTHS:
+        raise ValueError(f"bit_depth must be one of {BIT_DEPTHS}, got {bit_depth!r}")
+    return int(in_chans) not in (1, 3) or str(bit_depth) == "full"
 
 
 def rgb_to_luma_u8(rgb: np.ndarray) -> np.ndarray:
@@ -126,7 +154,9 @@ class _ArrayDataset(BaseImageDataset):
     """Images held in one uint8 array (N, H, W) or (N, H, W, 3); 1 → 3 channels is replicated per item."""
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, classes: list[str], in_chans: int) -> None:
-        _check_in_chans(in_chans)
+        if in_chans not in (1, 3):
+            raise ValueError(f"{type(self).__name__} images have 1 or 3 channels, not data.in_chans={in_chans} "
+                             "(other channel counts: data.name=folder)")
         if images.ndim == 4 and in_chans == 1:
             images = rgb_to_luma_u8(images)
         self.images = np.ascontiguousarray(images, dtype=np.uint8)
@@ -346,7 +376,11 @@ def load_image(
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     background: Sequence[int] = DEFAULT_BACKGROUND,
 ) -> Image.Image:
-    """Open (size checked from the header), fully decode (so truncated files fail here) and convert."""
+    """Open (size checked from the header), fully decode (so truncated files fail here) and convert. ``.npy`` files
+    and TIFFs PIL would misread (bands as pages, multi-band samples) go through :func:`load_pixels`, rounded to 8
+    bits; a file whose channels do not fit raises :class:`ChannelMismatch`."""
+    if _needs_arrays(path):
+        return _quantize(load_pixels(path, in_chans, max_pixels, background))
     with _open_checked(path, max_pixels) as im:
         im.load()
         out = convert_mode(im, in_chans, background)
@@ -369,6 +403,287 @@ def read_jpeg(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAG
     if b"\xff\xd9" not in data[-64:]:
         raise OSError("truncated JPEG (no end-of-image marker)")
     return EncodedJpeg(np.frombuffer(data, dtype=np.uint8), width, height)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Any channel count, full bit depth
+# ----------------------------------------------------------------------------------------------------
+
+TIFF_EXTENSIONS = (".tif", ".tiff")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG colour type -> (channels, alpha); palette files (3) are expanded to RGB, their transparency found on decoding
+_PNG_COLOUR_TYPES = {0: (1, False), 2: (3, False), 3: (3, False), 4: (2, True), 6: (4, True)}
+
+
+class ChannelMismatch(ConfigError):
+    """A file whose channels cannot become ``data.in_chans`` channels (e.g. a 4-band TIFF in an RGB run): a
+    setting to change, which the one-line message names; recorded as a skip when only some files differ."""
+
+
+@dataclass(frozen=True)
+class _Pixels:
+    """Decoded pixels before they are fitted to ``in_chans``: float32 (H, W, C) in [0, 1]; an alpha channel, when
+    there is one, is the last."""
+
+    data: np.ndarray
+    alpha: bool = False
+    premultiplied: bool = False
+
+
+def _unit_scale(dtype: np.dtype, bits: int | None = None) -> float | None:
+    """The stored value that becomes 1.0: the largest value of ``bits`` (a TIFF's BitsPerSample, e.g. 12 for
+    12-bit data unpacked into uint16) or else of the unsigned type; None for floats (taken as they are: expected in
+    [0, 1]) and booleans."""
+    if dtype.kind == "u":
+        width = np.iinfo(dtype).bits
+        return float(2 ** (bits if bits and 0 < bits < width else width) - 1)
+    if dtype.kind in "fb":
+        return None
+    raise ValueError(f"{dtype} pixels are not supported (store unsigned integers, or floats in [0, 1])")
+
+
+def _to_unit(a: np.ndarray, bits: int | None = None) -> np.ndarray:
+    scale = _unit_scale(a.dtype, bits)
+    out = np.array(a, dtype=np.float32)  # always a copy: memory maps and shared arrays stay untouched
+    if scale is not None:
+        out /= np.float32(scale)
+    return out if out.ndim == 3 else out[:, :, None]
+
+
+def _check_pixels(path: str | os.PathLike, height: int, width: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and height * width > max_pixels:
+        raise ImageTooLarge(f"over data.max_image_pixels ({width} x {height})")
+
+
+def _fits(channels: int, alpha: bool, in_chans: int) -> bool:
+    """The channel rule: a file with exactly ``in_chans`` channels is used as it is (an alpha channel included);
+    1- and 3-channel runs also take grey or colour files with or without alpha (composited, converted)."""
+    colour = channels - 1 if alpha else channels
+    return channels == in_chans or (in_chans in (1, 3) and colour in (1, 3))
+
+
+def _mismatch(path: str | os.PathLike, channels: int, alpha: bool, in_chans: int) -> ChannelMismatch:
+    what = f"{channels} channels" + (" (the last is alpha)" if alpha else "")
+    return ChannelMismatch(f"{path} has {what} but data.in_chans={in_chans}: set data.in_chans={channels} "
+                           "(every image of a run needs the same channels)")
+
+
+def fit_channels(px: _Pixels, in_chans: int, background: Sequence[int] = DEFAULT_BACKGROUND,
+                 path: str | os.PathLike = "image") -> np.ndarray:
+    """``px`` as float32 (H, W, in_chans) by :func:`_fits`: as it is, or alpha composited over ``background`` and
+    grey/colour converted (PIL's luma weights) like the 8-bit path does; else :class:`ChannelMismatch`."""
+    a = px.data
+    c = a.shape[2]
+    if c == in_chans:
+        return a
+    if not _fits(c, px.alpha, in_chans):
+        raise _mismatch(path, c, px.alpha, in_chans)
+    colour = c - 1 if px.alpha else c
+    col = a[:, :, :colour]
+    if px.alpha:
+        alpha = a[:, :, colour:]
+        col = np.repeat(col, 3, axis=2) if colour == 1 else col
+        bg = np.asarray(background, dtype=np.float32) / np.float32(255.0)
+        col = col + bg * (1.0 - alpha) if px.premultiplied else col * alpha + bg * (1.0 - alpha)
+        colour = 3
+    if in_chans == 1 and colour == 3:
+        col = (col @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[:, :, None]
+    elif in_chans == 3 and colour == 1:
+        col = np.repeat(col, 3, axis=2)
+    return np.ascontiguousarray(col, dtype=np.float32)
+
+
+def _npy_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+
+
+def _read_npy(path: str | os.PathLike, max_pixels: int | None) -> _Pixels:
+    """An ``.npy`` array (H, W) or (H, W, C), never unpickled (``allow_pickle=False``): every channel is data."""
+    shape = _npy_shape(path)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"a .npy image must be (H, W) or (H, W, C), not {shape}")
+    _check_pixels(path, shape[0], shape[1], max_pixels)
+    return _Pixels(_to_unit(np.load(path, allow_pickle=False)))
+
+
+@dataclass(frozen=True)
+class _TiffLayout:
+    """What the header of a TIFF's first series says: channels, where they are, and how to read them."""
+
+    shape: tuple[int, ...]
+    channel_axis: int | None  # None: one 2-D plane
+    channels: int
+    alpha: bool
+    premultiplied: bool
+    bits: int
+    direct: bool  # plain grey/RGB/multi-band samples (tifffile); False: palette, YCbCr, CMYK, ... (PIL reads them)
+    one_page: bool  # a single page (with or without samples): PIL reads the same pixels
+
+    @property
+    def standard(self) -> bool:
+        """What PIL reads correctly, so the 8-bit path keeps reading it with PIL: one page of grey or colour."""
+        colour = self.channels - 1 if self.alpha else self.channels
+        return not self.direct or (self.one_page and colour in (1, 3))
+
+
+def _tiff_layout(tif: Any) -> _TiffLayout:
+    """The layout rule: a 2-D series is one channel; in a 3-D series the samples-per-pixel axis holds the channels
+    when the file has one, else the first or last axis, whichever is smaller (ties: the last), so (C, H, W) pages
+    and (H, W, C) arrays (which tifffile writes as H pages of W x C) both give C channels."""
+    import tifffile
+
+    series, page = tif.series[0], tif.pages[0]
+    shape, axes = tuple(int(n) for n in series.shape), str(series.axes)
+    ph = tifffile.PHOTOMETRIC
+    direct = page.photometric in (ph.MINISBLACK, ph.RGB) or (page.photometric == ph.SEPARATED
+                                                             and page.samplesperpixel != 4)
+    extras = [int(e) for e in (page.extrasamples or ())]
+    if len(shape) == 2:
+        axis = None
+    elif len(shape) == 3:
+        axis = axes.index("S") if "S" in axes else (0 if shape[0] < shape[2] else 2)
+    else:
+        raise ValueError(f"a TIFF image must be 2-D or 3-D, not {shape} (axes {axes})")
+    channels = 1 if axis is None else shape[axis]
+    alpha = axis is not None and "S" in axes and bool(extras) and extras[-1] in (1, 2)  # associated / unassociated
+    return _TiffLayout(shape, axis, channels, alpha, alpha and extras[-1] == 1, int(page.bitspersample), direct,
+                       axis is None or "S" in axes)
+
+
+def _read_tiff(path: str | os.PathLike, max_pixels: int | None) -> _Pixels | None:
+    """A TIFF of plain samples at full depth (tifffile), scaled by its BitsPerSample; None when PIL should read it
+    (palette, YCbCr, CMYK, ..., or one page compressed in a way tifffile needs the imagecodecs package for)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        lay = _tiff_layout(tif)
+        if not lay.direct:
+            return None
+        plane = [n for k, n in enumerate(lay.shape) if k != lay.channel_axis]
+        _check_pixels(path, plane[0], plane[1], max_pixels)
+        try:
+            data = tif.series[0].asarray()
+        except ValueError:  # e.g. LZW / JPEG without imagecodecs: PIL decodes a single page as before
+            if lay.one_page:
+                return None
+            raise
+    if lay.channel_axis is not None:
+        data = np.moveaxis(data, lay.channel_axis, -1)
+    return _Pixels(_to_unit(data, lay.bits), lay.alpha, lay.premultiplied)
+
+
+def _png_header(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR, None for other files."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _read_png16(path: str | os.PathLike) -> _Pixels:
+    """A 16-bit PNG at full depth (PIL keeps 16 bits for grey only), scaled by 65535."""
+    from torchvision.io import ImageReadMode, decode_png, read_file
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TorchCodec.*")  # torchvision >= 0.29 deprecation
+        t = decode_png(read_file(str(path)), ImageReadMode.UNCHANGED)
+    return _Pixels(_to_unit(t.permute(1, 2, 0).numpy()), alpha=t.shape[0] in (2, 4))
+
+
+def _read_pil(path: str | os.PathLike, in_chans: int, max_pixels: int | None,
+              background: Sequence[int]) -> _Pixels:
+    """Any other file through PIL: 16-bit and float grey at full depth (I;16 / 65535, F as it is), 8-bit files as
+    the 8-bit path reads them (1/3-channel runs: the same conversion) / 255."""
+    with _open_checked(path, max_pixels) as im:
+        im.load()
+        if im.mode.startswith("I;16") or im.mode == "I":
+            return _Pixels(np.asarray(im).astype(np.float32)[:, :, None] / np.float32(65535.0))
+        if im.mode == "F":
+            return _Pixels(np.array(im, dtype=np.float32)[:, :, None])
+        if in_chans in (1, 3):
+            return _Pixels(_to_unit(np.asarray(convert_mode(im, in_chans, background))))
+        alpha = has_alpha(im)
+        grey = im.mode in ("1", "L", "LA", "La")
+        target = ("LA" if alpha else "L") if grey else ("RGBA" if alpha else "RGB")
+        return _Pixels(_to_unit(np.asarray(im if im.mode == target else im.convert(target))), alpha=alpha)
+
+
+def image_channels(path: str | os.PathLike) -> tuple[int, bool]:
+    """(channels, last one is alpha) of a file from its header alone (the early check of a run's data)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        shape = _npy_shape(path)
+        return (shape[2] if len(shape) == 3 else 1), False
+    if suffix in TIFF_EXTENSIONS:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            lay = _tiff_layout(tif)
+        if lay.direct:
+            return lay.channels, lay.alpha
+    png = _png_header(path)
+    if png is not None and png[1] in _PNG_COLOUR_TYPES:
+        return _PNG_COLOUR_TYPES[png[1]]
+    with _open_checked(path, None) as im:
+        alpha = has_alpha(im)
+        colour = 1 if im.mode in ("1", "L", "LA", "La", "I", "F") or im.mode.startswith("I;16") else 3
+    return colour + int(alpha), alpha
+
+
+def check_channels(path: str | os.PathLike, in_chans: int) -> None:
+    """Raise :class:`ChannelMismatch` when the file's channels cannot become ``in_chans`` (header only)."""
+    channels, alpha = image_channels(path)
+    if not _fits(channels, alpha, in_chans):
+        raise _mismatch(path, channels, alpha, in_chans)
+
+
+def load_pixels(path: str | os.PathLike, in_chans: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                background: Sequence[int] = DEFAULT_BACKGROUND) -> np.ndarray:
+    """The full-depth reader (``data.bit_depth=full``, or ``data.in_chans`` not 1 or 3): float32 (H, W, in_chans).
+
+    Integer data is scaled to [0, 1] by its bit depth: 8-bit by 255, 16-bit by 65535 (also 12-bit data in a 16-bit
+    PNG: the PNG standard has such data scaled up to 16 bits; raw 12-bit values then span [0, 0.0625], which
+    ``data.mean/std=auto`` normalizes), a TIFF by its BitsPerSample (12 -> 4095); floats are taken as they are.
+    ``.npy`` arrays are (H, W) or (H, W, C); TIFF layouts: :func:`_tiff_layout`; channels: :func:`fit_channels`.
+    """
+    suffix = Path(path).suffix.lower()
+    px: _Pixels | None = None
+    if suffix == ".npy":
+        px = _read_npy(path, max_pixels)
+    elif suffix in TIFF_EXTENSIONS:
+        px = _read_tiff(path, max_pixels)
+    else:
+        png = _png_header(path)
+        if png is not None and png[0] == 16:
+            _open_checked(path, max_pixels).close()  # the pixel limit, from the header
+            px = _read_png16(path)
+    if px is None:
+        px = _read_pil(path, in_chans, max_pixels, background)
+    return fit_channels(px, in_chans, background, path)
+
+
+def _needs_arrays(path: str | os.PathLike) -> bool:
+    """Whether the 8-bit path reads this file through :func:`load_pixels` instead of PIL: ``.npy`` files, and TIFFs
+    PIL would misread (bands stored as pages, or other than grey/colour samples)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        return True
+    if suffix not in TIFF_EXTENSIONS:
+        return False
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return not _tiff_layout(tif).standard
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile can parse: PIL decides, as before
+        return False
+
+
+def _quantize(a: np.ndarray) -> Image.Image:
+    """float (H, W, 1|3) in [0, 1] -> an 8-bit "L"/"RGB" image (rounded, clipped)."""
+    u8 = np.clip(np.rint(a * np.float32(255.0)), 0, 255).astype(np.uint8)
+    return Image.fromarray(u8[:, :, 0], mode="L") if u8.shape[2] == 1 else Image.fromarray(u8, mode="RGB")
 
 
 def skip_reason(err: BaseException) -> str:
@@ -461,26 +776,38 @@ class ImageFolderDataset(BaseImageDataset):
         self._record = _shared_record(self.root, self.max_image_pixels, self.paths)
         self._bad = self._record.flags
         self.keep_jpeg = False  # data.decode=device: JPEG files come back undecoded (EncodedJpeg)
+        # full depth, any channel count: items are float32 (H, W, C) arrays (load_pixels); set by data.bit_depth
+        self.float_pixels = self.in_chans not in (1, 3)
 
     def _mark_bad(self, index: int, err: BaseException) -> None:
         if not self._bad[index]:
             log.warning("skipping unreadable image %s (%s)", self.paths[index], skip_reason(err))
             self._bad[index] = 1
 
-    def load(self, index: int) -> Image.Image | EncodedJpeg:
+    def load(self, index: int) -> ImageLike:
         """Decode sample ``index``, or with :attr:`keep_jpeg` read a JPEG's bytes (raises for unreadable files;
-        records nothing)."""
+        records nothing); with :attr:`float_pixels` a float32 (H, W, C) array at the file's full depth."""
+        if self.float_pixels:
+            return load_pixels(self.paths[index], self.in_chans, self.max_image_pixels, self.background)
         if self.keep_jpeg:
             encoded = read_jpeg(self.paths[index], self.max_image_pixels)
             if encoded is not None:
                 return encoded
-        if self.cache is not None:
+        if self.cache is not None and self.cache.keep_images:
             return self.cache.get(self.paths[index], functools.partial(self.decode, index))
         return self.decode(index)
 
     def decode(self, index: int) -> Image.Image:
         """Decode sample ``index`` from its file, at full size."""
         return load_image(self.paths[index], self.in_chans, self.max_image_pixels, self.background)
+
+    def preview(self, index: int) -> Image.Image:
+        """Sample ``index`` as an 8-bit image for the twin check: the decoded image, or for float pixels (any
+        channel count, full depth) the mean of the channels."""
+        if not self.float_pixels:
+            return self.decode(index)
+        pixels = load_pixels(self.paths[index], self.in_chans, self.max_image_pixels, self.background)
+        return Image.fromarray((np.clip(pixels.mean(-1), 0.0, 1.0) * 255).round().astype(np.uint8))
 
     def try_load(self, index: int, record: bool = True) -> Image.Image | EncodedJpeg | None:
         """Load sample ``index``, or (``record``: record it as unreadable and) return None."""
@@ -535,14 +862,15 @@ class SyntheticDataset(BaseImageDataset):
     """Procedural, learnable images: class = (bar orientation, number of parallel bars).
 
     Nuisances per image: position, scale, small rotation, bar thickness, intensities, a background gradient,
-    pixel noise and (RGB) a colour tint. Up to 8 orientations × 1-3 bars keep ≤ 24 classes well separated
-    (more classes still work, with more bars). Item ``i`` depends only on ``(seed, i)``.
+    pixel noise and (more than one channel) a tint per channel. Up to 8 orientations × 1-3 bars keep ≤ 24
+    classes well separated (more classes still work, with more bars). Item ``i`` depends only on ``(seed, i)``.
     """
 
     def __init__(self, size: int, num_classes: int, img_size: int, in_chans: int = 1, seed: int = 0) -> None:
         if size <= 0 or num_classes <= 0 or img_size <= 0:
             raise ValueError("synthetic size, num_classes and img_size must be positive")
         self.in_chans = _check_in_chans(in_chans)
+        self.float_pixels = self.in_chans not in (1, 3)  # uint8 (H, W, C) items the views divide by 255
         self.img_size, self.seed = img_size, seed
         self.classes = [f"class_{c}" for c in range(num_classes)]
         perm = np.random.default_rng([seed, 0x5EED]).permutation(size)
@@ -552,7 +880,7 @@ class SyntheticDataset(BaseImageDataset):
         self._yy, self._xx = np.meshgrid(ax, ax, indexing="ij")
 
     def render(self, index: int) -> np.ndarray:
-        """Draw image ``index`` as uint8 (H, W) or (H, W, 3)."""
+        """Draw image ``index`` as uint8 (H, W) or (H, W, C)."""
         c = int(self.targets[index])
         rng = np.random.default_rng([self.seed, 1, index])
         u = rng.random(12)
@@ -579,8 +907,8 @@ class SyntheticDataset(BaseImageDataset):
         )
         fg = 0.65 + 0.35 * u[8]
         img = bg + mask * (fg - bg)
-        if self.in_chans == 3:
-            tint = 0.75 + 0.25 * rng.random(3)
+        if self.in_chans > 1:
+            tint = 0.75 + 0.25 * rng.random(self.in_chans)
             img = img[..., None] * tint
         img = img + rng.normal(0.0, 0.04, size=img.shape)
         return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
@@ -612,6 +940,10 @@ class SubsetDataset(BaseImageDataset):
         self.targets = base.targets[self.indices]
         self.classes = base.classes
         self.in_chans = base.in_chans
+
+    @property
+    def float_pixels(self) -> bool:  # type: ignore[override]
+        return self.base.float_pixels
 
     def __getitem__(self, index: int) -> tuple[ImageLike, int]:
         if isinstance(self.base, ImageFolderDataset):
@@ -670,6 +1002,23 @@ def folder_parts(dataset: Any) -> tuple[ImageFolderDataset, list[int] | None] | 
         else:
             return None
     return None
+
+
+def check_folder_channels(dataset: Any, tries: int = 16) -> None:
+    """Fail early, in one line, when a folder's images do not have ``in_chans`` channels (e.g. a 4-band TIFF in a
+    3-channel run): the first file whose header reads decides (later odd files are skipped and listed)."""
+    parts = folder_parts(dataset)
+    if parts is None:
+        return
+    folder, sel = parts
+    for i in (sel if sel is not None else range(len(folder.paths)))[:tries]:
+        try:
+            channels, alpha = image_channels(folder.paths[i])
+        except Exception:  # noqa: BLE001 - an unreadable file is the skip logic's business
+            continue
+        if not _fits(channels, alpha, folder.in_chans):
+            raise _mismatch(folder.paths[i], channels, alpha, folder.in_chans)
+        return
 
 
 def _skipped(datasets: Sequence[Any]) -> dict[str, tuple[ImageFolderDataset, int]]:
@@ -738,12 +1087,12 @@ def _cfg(cfg: Any, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def folder_cache(cfg: Any, in_chans: int, background: Sequence[int]) -> DecodedCache:
-    """The decoded-image cache of a folder recipe (:mod:`cmim.data.cache`); with ``data.cache_images`` off it
-    still keeps the split's fingerprints."""
+def folder_cache(cfg: Any, in_chans: int, background: Sequence[int], keep_images: bool) -> DecodedCache:
+    """The decoded-image cache of a folder recipe (:mod:`cmim.data.cache`); without ``keep_images`` it only
+    keeps the split's fingerprints."""
     root = _cfg(cfg, "cache_dir", None) or default_cache_dir()
     short_side = _cfg(cfg, "cache_short_side", None) or 2 * int(_cfg(cfg, "img_size", 224))
-    return DecodedCache(root, int(short_side), in_chans, background, keep_images=bool(_cfg(cfg, "cache_images", True)))
+    return DecodedCache(root, int(short_side), in_chans, background, keep_images=keep_images)
 
 
 class _Fingerprints(Dataset):
@@ -759,7 +1108,7 @@ class _Fingerprints(Dataset):
         cache = self.ds.cache
         assert cache is not None
         try:
-            return cache.fingerprint(self.ds.paths[index], functools.partial(self.ds.decode, index))
+            return cache.fingerprint(self.ds.paths[index], functools.partial(self.ds.preview, index))
         except Exception:  # noqa: BLE001 - an unreadable file has no twins; the training loader skips it
             return None
 
@@ -788,13 +1137,16 @@ def _folder_dataset(cfg: Any, root: str, split: str, in_chans: int) -> BaseImage
     background = _cfg(cfg, "background", DEFAULT_BACKGROUND)
     fraction = float(_cfg(cfg, "val_fraction", 0.0))
     twins = bool(_cfg(cfg, "split_twins", True)) and fraction > 0.0
-    cache = folder_cache(cfg, in_chans, background) if twins or _cfg(cfg, "cache_images", True) else None
+    float_pixels = needs_float_pixels(in_chans, str(_cfg(cfg, "bit_depth", "auto")))
+    keep_images = bool(_cfg(cfg, "cache_images", True)) and not float_pixels  # the cache holds 8-bit images
+    cache = folder_cache(cfg, in_chans, background, keep_images) if twins or keep_images else None
     if fraction <= 0.0:
         folder = os.path.join(root, split) if split else root
-        return ImageFolderDataset(folder, in_chans, max_pixels, background, cache)
+        return ImageFolderDataset(folder, in_chans, max_pixels, background, cache if keep_images else None)
     if split != "train" and split not in HELD_OUT_SPLITS:
         raise ValueError(f"with data.val_fraction > 0 the folder split is 'train' or 'val'/'test', not {split!r}")
     ds = ImageFolderDataset(root, in_chans, max_pixels, background, cache)
+    ds.float_pixels = float_pixels
     if "train" in ds.classes and any(s in ds.classes for s in HELD_OUT_SPLITS):
         raise ValueError(f"data.val_fraction splits {root} itself, but it has train/ and val/ sub-folders; "
                          "set data.val_fraction=0 to use them")
@@ -847,6 +1199,9 @@ def build_base_dataset(cfg: Any, split: str) -> BaseImageDataset:
         raise ValueError(
             f"unknown dataset name {cfg.name!r} (fashion-mnist, folder, synthetic, cifar10, cifar100)"
         )
+    if needs_float_pixels(in_chans, str(_cfg(cfg, "bit_depth", "auto"))):  # data.bit_depth=full: on the base itself
+        base = ds.base if isinstance(ds, SubsetDataset) else ds
+        base.float_pixels = True
     subset = getattr(cfg, "subset", None)
     if subset is not None and int(subset) < len(ds):
         n, m = len(ds), int(subset)

@@ -5,6 +5,11 @@ from ``np.random.default_rng([seed, epoch, index])``. A sample's views are there
 the number of DataLoader workers or processes, and a resumed run replays exactly the same data.
 Photometric pixel work is deferred to the device (:mod:`cmim.data.augment`); workers only ship uint8
 crops plus the sampled parameters.
+
+Datasets with ``float_pixels`` (any channel count other than 1 or 3, or ``data.bit_depth=full``) take a float
+path instead: every item becomes a float32 (C, H, W) tensor in [0, 1] and the same crops, flips, resizes and
+centre crops are done with ``torchvision.transforms.v2.functional`` on all channels (antialiased, same
+interpolation); crops and eval images are then float32 instead of uint8. The random draws are the same.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
 from cmim.data.augment import NUM_PARAMS, ViewSpec, sample_photometric_params
-from cmim.data.datasets import BaseImageDataset, EncodedJpeg, ImageLike, build_base_dataset, folder_parts
+from cmim.data.datasets import (
+    BaseImageDataset,
+    EncodedJpeg,
+    ImageLike,
+    build_base_dataset,
+    check_folder_channels,
+    folder_parts,
+)
 
 __all__ = [
     "EvalDataset",
@@ -91,6 +103,19 @@ def _channels(img: Image.Image) -> int:
     return 1 if img.mode == "L" else 3
 
 
+def float_chw(img: ImageLike) -> Tensor:
+    """Any item as float32 (C, H, W) in [0, 1]: 8-bit images and arrays divided by 255, float arrays as they are."""
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    t = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+    return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
+
+
+def _is_float(base: Any) -> bool:
+    return bool(getattr(base, "float_pixels", False))
+
+
 @contextlib.contextmanager
 def _decoding_on_cpu(base: BaseImageDataset) -> Iterator[None]:
     """Within: a folder under ``base`` decodes every file on the CPU, whatever ``data.decode`` says."""
@@ -131,6 +156,8 @@ class PretrainDataset(Dataset):
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.log_ratio = (math.log(float(crop_ratio[0])), math.log(float(crop_ratio[1])))
         self.resample = _interp(interpolation, _PIL_INTERP)
+        self.tv_interpolation = _interp(interpolation, _TV_INTERP)  # the float path's resize
+        self.float_pixels = _is_float(base)
         self.hflip_prob = float(hflip_prob)
         self.seed = int(seed)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -151,9 +178,13 @@ class PretrainDataset(Dataset):
         img, label = self.base[index]
         s, spec = self.img_size, self.spec
         encoded = isinstance(img, EncodedJpeg)
-        if not encoded:
-            img = _to_pil(img)
-        width, height = (img.width, img.height) if encoded else img.size
+        if self.float_pixels:
+            img = float_chw(img)
+            height, width = img.shape[-2:]
+        else:
+            if not encoded:
+                img = _to_pil(img)
+            width, height = (img.width, img.height) if encoded else img.size
         boxes = np.empty((spec.num_crops, 4), dtype=np.int64)  # (top, left, h, w) per crop
         flips = np.empty(spec.num_crops, dtype=bool)
         for k in range(spec.num_crops):
@@ -163,6 +194,13 @@ class PretrainDataset(Dataset):
         if encoded:  # data.decode=device: the same draws, the pixels come in the step
             item["jpeg"] = torch.from_numpy(img.data.copy())
             item["boxes"], item["flips"] = torch.from_numpy(boxes), torch.from_numpy(flips)
+        elif self.float_pixels:  # all channels, in float: torchvision's antialiased resize of the same boxes
+            crops_f = torch.empty((spec.num_crops, img.shape[0], s, s), dtype=torch.float32)
+            for k, ((top, left, h, w), flip) in enumerate(zip(boxes.tolist(), flips.tolist(), strict=True)):
+                out = TF.resized_crop(img, top, left, h, w, [s, s], interpolation=self.tv_interpolation,
+                                      antialias=True)
+                crops_f[k] = out.flip(-1) if flip else out
+            item["crops"] = crops_f
         else:
             crops = np.empty((spec.num_crops, s, s, _channels(img)), dtype=np.uint8)
             for k, ((top, left, h, w), flip) in enumerate(zip(boxes.tolist(), flips.tolist(), strict=True)):
@@ -190,8 +228,8 @@ class PretrainDataset(Dataset):
 class EvalDataset(Dataset):
     """Deterministic eval items: shorter side → ``round(img_size / eval_crop_pct)``, centre crop ``img_size``.
 
-    Returns ``image`` uint8 (C, S, S), ``label`` and ``index`` int64. Images already at the target size
-    (e.g. Fashion-MNIST at 28 with crop_pct 1.0) skip resampling entirely.
+    Returns ``image`` uint8 (C, S, S) (float32 in [0, 1] for ``float_pixels`` datasets), ``label`` and ``index``
+    int64. Images already at the target size (e.g. Fashion-MNIST at 28 with crop_pct 1.0) skip resampling entirely.
     """
 
     def __init__(
@@ -207,13 +245,25 @@ class EvalDataset(Dataset):
         self.img_size = int(img_size)
         self.resize_to = int(round(self.img_size / float(eval_crop_pct)))
         self.interpolation = _interp(interpolation, _TV_INTERP)
+        self.float_pixels = _is_float(base)
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def _float_image(self, img: ImageLike) -> Tensor:
+        x = float_chw(img)
+        if min(x.shape[-2:]) != self.resize_to:
+            x = TF.resize(x, self.resize_to, interpolation=self.interpolation, antialias=True)
+        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            x = TF.center_crop(x, [self.img_size, self.img_size])
+        return x.contiguous()
+
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         index = int(index)
         img, label = self.base[index]
+        if self.float_pixels:
+            return {"image": self._float_image(img), "label": torch.tensor(label, dtype=torch.int64),
+                    "index": torch.tensor(index, dtype=torch.int64)}
         if isinstance(img, np.ndarray) and img.shape[0] == img.shape[1] == self.resize_to == self.img_size:
             arr = img
         else:
@@ -235,6 +285,7 @@ def build_pretrain_dataset(cfg: Any, split: str, spec: ViewSpec, seed: int) -> P
     """Base dataset of ``split`` wrapped with the pre-training crops/parameters described by ``cfg``; with
     ``cfg.decode == "device"`` a folder's JPEG files are left for the device decoder (:mod:`cmim.data.decode`)."""
     base = build_base_dataset(cfg, split)
+    check_folder_channels(base)
     if str(getattr(cfg, "decode", "cpu")) == "device":
         parts = folder_parts(base)
         if parts is None:
@@ -255,8 +306,10 @@ def build_pretrain_dataset(cfg: Any, split: str, spec: ViewSpec, seed: int) -> P
 def build_eval_dataset(cfg: Any, split: str) -> EvalDataset:
     """Base dataset of ``split`` with the deterministic eval resize + centre crop."""
     crop_pct = getattr(cfg, "eval_crop_pct", None)
+    base = build_base_dataset(cfg, split)
+    check_folder_channels(base)
     return EvalDataset(
-        build_base_dataset(cfg, split),
+        base,
         img_size=int(cfg.img_size),
         eval_crop_pct=1.0 if crop_pct is None else float(crop_pct),
         interpolation=str(getattr(cfg, "interpolation", "bicubic")),

@@ -43,6 +43,7 @@ from cmim.core.weights import load_checkpoint
 from cmim.data.augment import ViewMaker
 from cmim.data.datasets import all_reduce_skips, read_skip_list, skip_report, write_skip_list
 from cmim.data.decode import DeviceDecoder, collate_pretrain
+from cmim.data.stats import resolve_auto_stats
 from cmim.data.views import build_pretrain_dataset
 from cmim.engine.callbacks import Callback
 from cmim.engine.checkpoint import check_resumable, rng_state, set_rng_state
@@ -137,6 +138,12 @@ class Trainer:
         if t.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
         self.out_dir = Path(t.out_dir)
+        # data.mean/std=auto: the numbers, estimated once from the data, are what config.yaml and every checkpoint
+        # hold (each process computes the same ones: a fixed sample, summed in the same order)
+        self.data_stats = resolve_auto_stats(cfg.data)
+        if self.data_stats is not None and self.dist.is_main:
+            log.info("data.mean/std=auto: mean %s, std %s (from %d images of split %r)", self.data_stats["mean"],
+                     self.data_stats["std"], self.data_stats["images"], self.data_stats["split"])
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.yaml", to_yaml(cfg))
@@ -362,6 +369,7 @@ class Trainer:
             "skipped_images": len(skipped), "skipped_list": str(skip_file) if skipped else None,
             "nonfinite_steps": self.nonfinite_steps,
             "world_size": self.dist.world_size, "ddp": self.dist.enabled,
+            **({"data_stats": self.data_stats} if self.data_stats is not None else {}),
         }
         if self.dist.is_main:
             write_skip_list(skip_file, skipped)

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from cmim.core.errors import ConfigError
-from cmim.data.datasets import build_base_dataset
+from cmim.data.datasets import build_base_dataset, needs_float_pixels
 from cmim.data.views import build_eval_dataset
 from cmim.eval.knn import first_n
 from cmim.eval.loading import EncoderSource
@@ -49,6 +49,10 @@ def eval_dataset(cfg: DictConfig, part: str) -> Dataset:
 def base_train_dataset(cfg: DictConfig) -> Dataset:
     """The un-augmented train split (PIL images or uint8 arrays), with the eval train subset and the label
     fraction applied."""
+    if needs_float_pixels(int(cfg.data.in_chans), str(cfg.data.get("bit_depth", "auto"))):
+        raise ConfigError(f"data: fine-tuning and linear.mode=reference augment with timm's PIL transforms, which "
+                          f"take 8-bit 1- or 3-channel images, not data.in_chans={cfg.data.in_chans} / "
+                          f"data.bit_depth={cfg.data.get('bit_depth', 'auto')}; k-NN and linear.mode=cached work")
     try:
         ds = build_base_dataset(cfg.data, split_name(cfg, "train"))
     except ValueError as e:

@@ -54,6 +54,7 @@ def _key(src: EncoderSource, cfg: DictConfig, part: str, feature: str) -> dict[s
         "n": cfg.train_subset if part == "train" else cfg.test_subset,
         "synthetic": [d.synthetic_size, d.synthetic_classes] if d.name == "synthetic" else None,
         "precision": cfg.precision,
+        **({"bit_depth": d.bit_depth} if d.get("bit_depth", "auto") != "auto" else {}),  # full depth: other pixels
         **({"folder": {"val_fraction": d.val_fraction, "split_seed": d.split_seed, "background": list(d.background),
                        "max_image_pixels": d.max_image_pixels, "split_twins": d.split_twins,
                        "twin_cosine": d.twin_cosine, "cache_images": d.cache_images,

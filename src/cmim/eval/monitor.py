@@ -1,18 +1,21 @@
 """The online k-NN monitor of ``cmim pretrain``, a training callback: k-NN top-1 of the encoder on labeled
 subsets before training and every few epochs, plus the raw pixels of the same images once (the level a
-pre-trained encoder has to beat). Its history is kept in the checkpoint and ``summary.json``."""
+pre-trained encoder has to beat). Its history is kept in the checkpoint and ``summary.json``. Without labels or
+without an eval split (one unlabeled folder) it says so once and measures nothing; the label-free health check
+(:mod:`cmim.eval.health`) still runs."""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from cmim.core.distributed import barrier
-from cmim.core.errors import CheckpointError
+from cmim.core.errors import CheckpointError, ConfigError
 from cmim.data.views import build_eval_dataset
 from cmim.engine.callbacks import Callback
 from cmim.eval.knn import online_knn, pixel_knn
@@ -35,6 +38,7 @@ class KnnMonitor(Callback):
         self.history: list[dict[str, Any]] = []
         self.pixel_knn: dict[str, Any] | None = None  # the raw-pixel baseline, measured once
         self._sets: tuple[Dataset, Dataset] | None = None
+        self.skipped: str | None = None  # why k-NN cannot run on this data (said once)
 
     # --- hooks ------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, resumed: bool) -> None:
@@ -67,12 +71,30 @@ class KnnMonitor(Callback):
         return list(self._sets or ())
 
     # --- the measurement --------------------------------------------------------------------------------
+    def _labeled_sets(self) -> tuple[Dataset, Dataset] | None:
+        """The train / eval sets, or None (said once) when there is no eval split or no label."""
+        d = self.cfg.data
+        if self._sets is None and self.skipped is None:
+            try:
+                sets = (build_eval_dataset(d, d.train_split), build_eval_dataset(d, d.eval_split))
+            except ConfigError:
+                raise
+            except (FileNotFoundError, ValueError) as e:  # e.g. one unlabeled folder: no data.eval_split
+                self.skipped = f"no eval split ({str(e).splitlines()[0]})"
+            else:
+                targets = getattr(sets[0].base, "targets", None)  # type: ignore[attr-defined]
+                if targets is not None and len(targets) and (np.asarray(targets) < 0).all():
+                    self.skipped = "the training images have no labels"
+                else:
+                    self._sets = sets
+            if self.skipped is not None:
+                tqdm.write(f"[k-NN] not measured: {self.skipped}")
+        return self._sets
+
     def run(self, trainer: Trainer) -> None:
         cfg, mon = self.cfg, self.cfg.monitor
-        if trainer.dist.is_main:
-            if self._sets is None:
-                self._sets = (build_eval_dataset(cfg.data, cfg.data.train_split),
-                              build_eval_dataset(cfg.data, cfg.data.eval_split))
+        if trainer.dist.is_main and self._labeled_sets() is not None:
+            assert self._sets is not None
             if mon.raw_pixels and self.pixel_knn is None:
                 t0 = time.perf_counter()
                 res = pixel_knn(*self._sets, cfg)

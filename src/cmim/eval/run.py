@@ -20,6 +20,7 @@ from cmim.config import ConfigError, load_config
 from cmim.core.distributed import resolve_device
 from cmim.core.io import atomic_write_text
 from cmim.core.knn import knn_accuracy
+from cmim.data.stats import resolve_auto_stats
 from cmim.eval.baselines import pixel_source, recipe_source
 from cmim.eval.config import load_eval_config
 from cmim.eval.datasets import label_subset, num_classes_of
@@ -59,15 +60,18 @@ def open_source(path: str | os.PathLike | None, recipe: str | os.PathLike | dict
         # with a checkpoint, the pixels of the data it was trained on (its folder, split, size, normalization)
         base = load_source(path).data if path is not None else None
         cfg = load_eval_config(recipe, [*(overrides or []), "feature=pixels", "init=random"], base_data=base)
+        resolve_auto_stats(cfg.data)
         return pixel_source(OmegaConf.to_container(cfg.data, resolve=True)), cfg  # type: ignore[arg-type]
     if path is None and arch is None:
         raise ConfigError("give a checkpoint, --arch RECIPE (fresh weights) or --raw-pixels")
     if path is None:
         data = OmegaConf.to_container(load_config(arch).data, resolve=True)
         cfg = load_eval_config(recipe, [*(overrides or []), "init=random"], base_data=data)  # type: ignore[arg-type]
+        resolve_auto_stats(cfg.data)
         return recipe_source(arch, seed=cfg.seed), cfg  # type: ignore[arg-type]
     src = load_source(path, _peek(recipe, overrides, "encoder", "teacher"))
     cfg = load_eval_config(recipe, overrides, base_data=src.data)
+    resolve_auto_stats(cfg.data)  # data.mean/std=auto given here (a checkpoint holds the numbers)
     if cfg.init == "random":
         src = random_init_like(src, cfg.seed)
     return src, cfg

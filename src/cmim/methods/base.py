@@ -16,15 +16,20 @@ The engine knows nothing else about it.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from cmim.core.distributed import get_rank
 from cmim.core.schedules import cosine_schedule
 from cmim.data.augment import ViewSpec
 from cmim.data.masking import build_mask_generator
 from cmim.models import MaskedEncoder, build_encoder
+from cmim.models.init_from import init_encoder_from
+
+log = logging.getLogger("cmim")
 
 
 class Method(nn.Module):
@@ -38,6 +43,11 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.student = build_encoder(cfg.model, cfg.data.img_size, cfg.data.in_chans)
+        init_from = getattr(cfg.model, "init_from", None)
+        if init_from:  # before any subclass copies the student into an EMA teacher: both start from these weights
+            report = init_encoder_from(self.student, init_from, keep_pos_embed=cfg.model.pos_embed == "sincos")
+            if get_rank() == 0:
+                log.info("%s", report.table())
         self.grid_size = self.student.grid_size
 
     # --- data -------------------------------------------------------------------------------------------

@@ -40,8 +40,17 @@ def save_figure(fig: Any, out: str | os.PathLike, dpi: int = 110, tight: bool = 
 
 
 def display_image(img_u8: Tensor) -> tuple[np.ndarray, str | None]:
-    """uint8 (C, H, W) -> an array for ``imshow`` plus the colormap it needs (gray for one channel)."""
+    """uint8 or float (C, H, W) -> an array for ``imshow`` plus the colormap it needs (gray for one channel).
+    Float images (full bit depth) are clipped to [0, 1]; N bands other than 3 show as false colour: the first three
+    (the first alone for 2), each stretched to its own range."""
     a = img_u8.cpu().numpy()
+    if a.dtype != np.uint8:
+        a = a.astype(np.float32)
+        if a.shape[0] not in (1, 3):
+            a = a[:3] if a.shape[0] > 3 else a[:1]
+            lo, hi = a.min(axis=(1, 2), keepdims=True), a.max(axis=(1, 2), keepdims=True)
+            a = (a - lo) / np.maximum(hi - lo, 1e-12)
+        a = np.clip(a, 0.0, 1.0)
     if a.shape[0] == 1:
         return a[0], "gray"
     return a.transpose(1, 2, 0), None
