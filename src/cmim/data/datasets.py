@@ -1115,6 +1115,7 @@ class _Fingerprints(Dataset):
 
 # (real root, listing, setting, threshold) -> group ids: the train and val parts of one run group once
 _GROUPS: dict[tuple, np.ndarray] = {}
+_SAID: set[tuple] = set()  # splits already described in the log (once per process)
 
 
 def _twin_groups(ds: ImageFolderDataset, threshold: float, workers: int) -> np.ndarray:
@@ -1156,7 +1157,9 @@ def _folder_dataset(cfg: Any, root: str, split: str, in_chans: int) -> BaseImage
         threshold = float(_cfg(cfg, "twin_cosine", DEFAULT_TWIN_COSINE))
         groups = _twin_groups(ds, threshold, loader_workers(_cfg(cfg, "num_workers", 0)))
     held = held_out_mask(rel, ds.targets, fraction, int(_cfg(cfg, "split_seed", 0)), groups)
-    if groups is not None and split == "train":
+    said = (os.path.realpath(root), len(rel), fraction, int(_cfg(cfg, "split_seed", 0)))
+    if groups is not None and said not in _SAID:
+        _SAID.add(said)
         sizes = np.bincount(groups)
         with_twin = int((sizes[groups] > 1).sum())
         log.info("split of %s: %d files; %d have near-duplicates, in %d groups kept on one side; %d held out",
