@@ -283,5 +283,5 @@ def markdown(study: Study, g: dict[str, Any]) -> str:
     if any((d.metrics[m].feature or study.all_evals[e].feature) == CHOSEN and d.metrics[m].protocol != "finetune"
            for e in rows for m in study.metrics_of(e) if m in metrics):
         L += ["`F` is the global feature chosen for the row and seed (table above).", ""]
-    L += [t.root_note.format(root=study.data_root()), ""]
+    L += [t.root_note.format(root=rel(study.data_root())), ""]
     return "\n".join(L)
