@@ -98,6 +98,30 @@ def test_label_fraction_reaches_knn_linear_and_finetune(tmp_path, capsys):
     assert "25% of the labels" in capsys.readouterr().out
 
 
+def test_arch_of_a_folder_recipe_takes_the_eval_folder(tmp_path, monkeypatch):
+    """A folder recipe leaves data.root to its user (???): --arch builds its encoder from the eval's folder."""
+    from PIL import Image
+
+    monkeypatch.setenv("CMIM_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    tiny_model = [o.replace("model.", "") for o in TINY if o.startswith("model.")]
+    recipe = tmp_path / "folder.yaml"
+    recipe.write_text("method: conmim\nmodel:\n" + "".join(f"  {o.split('=')[0]}: {o.split('=')[1]}\n"
+                                                           for o in tiny_model)
+                      + "data:\n  name: folder\n  root: ???\n  img_size: 16\n  in_chans: 3\n")
+    out = tmp_path / "k.json"
+    assert main(["eval", "knn", f"--arch={recipe}", f"data.root={tmp_path / 'imgs'}", "data.val_fraction=0.25",
+                 "data.num_workers=0", "data.eval_crop_pct=1.0", "precision=fp32", "knn.ks=[3]",
+                 f"cache_dir={tmp_path}", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["features"]["init"] == "random-s0" and res["features"]["train_samples"] + \
+        res["features"]["test_samples"] == 12
+
+
 def test_eval_without_checkpoint_or_baseline_is_one_line(capsys):
     assert main(["eval", "knn", *DATA]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,34 +1,41 @@
-"""benchmarks/study.py keeps its results in committed records, so a sitting whose work dir is lost re-runs only
-what is missing: a run's record names its checkpoint by sha256, MimCo's names its teacher's, and a result is
-reused only while the weights, recipe and overrides that made it are unchanged."""
+"""The study (benchmarks/study/) keeps its results in committed records, so a sitting whose work dir is lost
+re-runs only what is missing: a run's record names its checkpoint by sha256, MimCo's names its teacher's, and a
+result is reused only while the weights, recipe and overrides that made it are unchanged. The fingerprints of the
+committed Fashion-MNIST records must survive any change to the study's code."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the study package
+
+from study import runner  # noqa: E402
+from study.design import PretrainRow, slug  # noqa: E402
+
+# the Fashion-MNIST directory the committed records were made with (their commands name it): eval overrides carry
+# it, so their fingerprints do; nothing is read from it
+RECORDED_FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
 @pytest.fixture
 def study_mod(monkeypatch, tmp_path):
-    spec = importlib.util.spec_from_file_location("cmim_study", REPO / "benchmarks" / "study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     data = tmp_path / "fmnist"
     data.mkdir()
-    monkeypatch.setattr(mod, "fmnist_root", lambda: str(data))
-    return mod
+    monkeypatch.setattr(runner, "fmnist_root", lambda: str(data))
+    return runner
 
 
-def make_study(mod, tmp_path: Path, work: str = "work"):
-    args = argparse.Namespace(quick=False, seeds=[0], work=tmp_path / work, records=tmp_path / "records",
-                              ablations=False, rows=None)
+def make_study(mod, tmp_path: Path, work: str = "work", **kw):
+    args = argparse.Namespace(**{"quick": False, "seeds": [0], "work": tmp_path / work,
+                                 "records": tmp_path / "records", "ablations": False, "rows": None, **kw})
     st = mod.Study(args)
     st.work.mkdir(parents=True, exist_ok=True)
     return st
@@ -53,6 +60,8 @@ def fake_run(st, row: str, seed: int, payload: bytes) -> None:
 
 def fake_results(st, row: str, seed: int, top1: float) -> None:
     for metric in st.metrics_of(row):
+        if st.design.metrics[metric].backfill:
+            continue
         spec = st.eval_spec(row, metric, seed)
         fp = st.fingerprint(row, spec, seed)
         assert fp is not None
@@ -94,7 +103,8 @@ def test_missing_result_or_changed_recipe_needs_the_checkpoint(study_mod, tmp_pa
     fake_results(st2, "ConMIM", 0, 80.0)
     assert not st2.needs_run("ConMIM", 0, ["ConMIM"])
     st3 = make_study(study_mod, tmp_path)
-    st3.pretrain_rows["ConMIM"] = st3.all_pretrain["ConMIM"] = ("conmim_fmnist_30min.yaml", ["mask.ratio=0.6"], None)
+    st3.pretrain_rows["ConMIM"] = st3.all_pretrain["ConMIM"] = PretrainRow("conmim_fmnist_30min.yaml",
+                                                                          ("mask.ratio=0.6",))
     assert st3.weights("ConMIM", 0) is None  # another config: the record does not stand for it
     assert st3.cached("ConMIM", "knn", 0) is None
     assert st3.needs_run("ConMIM", 0, ["ConMIM"])
@@ -144,3 +154,109 @@ def test_results_in_the_old_place_move_into_the_records(study_mod, tmp_path):
     shutil.move(st.result_path("ConMIM", "knn", 0), old)
     assert st.cached("ConMIM", "knn", 0)["top1"] == 80.0
     assert st.result_path("ConMIM", "knn", 0).is_file()
+
+
+def test_committed_records_keep_their_fingerprints(monkeypatch, tmp_path):
+    """Every record in benchmarks/study_records/, recomputed by today's code from the design: same fingerprint."""
+    monkeypatch.setattr(runner, "fmnist_root", lambda: RECORDED_FMNIST)
+    records = REPO / "benchmarks" / "study_records"
+    st = make_study(runner, tmp_path, seeds=[0, 1, 2], records=records, ablations=True)
+    names = {slug(n): n for n in st.all_evals}
+    checked = 0
+    for path in sorted(records.glob("seed*/**/*.json")):
+        rec = json.loads(path.read_text())
+        seed = int(path.relative_to(records).parts[0][4:])
+        if path.parent.name == "pretrain":
+            row = rec["row"]
+            assert slug(row) == path.stem
+            assert st.config_fingerprint(row, seed) == rec["config_fingerprint"], path
+            assert st.record(row, seed) is not None, path  # MimCo's teacher sha256 included
+        else:
+            name, metric = names[path.parent.name], path.stem
+            assert st.fingerprint(name, st.eval_spec(name, metric, seed), seed) == rec["fingerprint"], path
+        checked += 1
+    assert checked == len(list(records.glob("seed*/**/*.json"))) > 0
+
+
+def write_clipart(root: Path, counts: dict[str, int]) -> None:
+    """A clip-art-like tree: a category's images sit in nested sub-folders; every image differs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, n in counts.items():
+        for i in range(n):
+            p = root / c / f"sub{i % 2}" / f"{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(p)
+
+
+def test_clipart_folder_keeps_categories_of_20_images(tmp_path):
+    from study.data import clipart_folder
+
+    src = tmp_path / "png"
+    write_clipart(src, {"animals": 21, "buttons": 3, "shapes": 20, "tools": 22})
+    art = clipart_folder(src, tmp_path / "work")
+    assert art.kept == {"animals": 21, "shapes": 20, "tools": 22} and art.dropped == {"buttons": 3}
+    links = sorted(p.name for p in (tmp_path / "work" / "clipart").iterdir())
+    assert links == ["animals", "shapes", "tools"]
+    assert (tmp_path / "work" / "clipart" / "shapes").resolve() == src / "shapes"
+    assert json.loads((tmp_path / "work" / "clipart.json").read_text())["dropped"] == {"buttons": 3}
+    assert clipart_folder(src, tmp_path / "work2").files_sha256 == art.files_sha256  # where it lives is no part
+    shutil.rmtree(src / "shapes" / "sub0")  # shapes falls under 20: its link goes
+    again = clipart_folder(src, tmp_path / "work")
+    assert again.kept == {"animals": 21, "tools": 22} and again.dropped == {"buttons": 3, "shapes": 10}
+    assert sorted(p.name for p in (tmp_path / "work" / "clipart").iterdir()) == ["animals", "tools"]
+    assert again.files_sha256 != art.files_sha256
+
+
+def test_folder_fingerprints_do_not_depend_on_the_work_dir(tmp_path):
+    src = tmp_path / "png"
+    write_clipart(src, {"a": 20, "b": 20})
+    sts = [make_study(runner, tmp_path, work=w, dataset="openclipart", clipart_root=src) for w in ("w1", "w2")]
+    for st in sts:
+        st.store.root = st.records = tmp_path / "records"
+    fps = [(st.config_fingerprint("ConMIM", 0),
+            st.fingerprint("raw pixels", st.eval_spec("raw pixels", "knn", 0), 0),
+            st.fingerprint("supervised from scratch", st.eval_spec("supervised from scratch", "finetune", 0), 0))
+           for st in sts]
+    assert fps[0] == fps[1]
+    assert "data.split_seed=0" in sts[0].pretrain_overrides("ConMIM", 0)
+    assert sts[0].config_fingerprint("ConMIM", 1) != fps[0][0]  # the seed draws another split
+    # a chosen feature is not known before its choice: no result can be matched yet
+    assert not sts[0].eval_spec("ConMIM", "knn", 0).ready
+
+
+def test_feature_choice_on_a_validation_part_of_the_training_part(tmp_path, monkeypatch):
+    import numpy as np
+    from study import choice
+
+    from cmim.data.datasets import folder_parts
+    from cmim.eval.datasets import eval_dataset
+    from cmim.eval.run import open_source
+
+    monkeypatch.setenv("CMIM_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "png"
+    write_clipart(src, {"a": 24, "b": 24})
+    for i in range(4):  # twins: a copy of a file under another name
+        shutil.copy(src / "a" / "sub0" / f"{2 * i}.png", src / "a" / f"copy{i}.png")
+    st = make_study(runner, tmp_path, dataset="openclipart", clipart_root=src)
+    assert st.choose("random init", 0)
+    rec = json.loads(st.store.choice_path("random init", 0).read_text())
+    assert rec["choice"] in ("cls", "mean") and set(rec["val_top1"]) == {"cls", "mean"}
+    assert rec["choice"] == max(rec["val_top1"], key=lambda f: (rec["val_top1"][f], f == "cls"))
+    spec = st.eval_spec("random init", "knn", 0)
+    assert spec.ready and f"feature={rec['choice']}" in spec.overrides
+    assert st.chosen_feature("random init", 0) == rec["choice"]
+
+    s = st.choice_spec("random init", 0)
+    _, cfg = open_source(None, s.recipe, s.overrides, arch=s.arch)
+    train = eval_dataset(cfg, "train")
+    labels = np.array([train[i]["label"] for i in range(len(train))])
+    assert rec["fit_samples"] + rec["val_samples"] == len(train)
+    val = choice.validation_mask(cfg, labels, 0)
+    base, sel = folder_parts(train)
+    side = {os.path.relpath(base.paths[i], base.root): v for i, v in zip(sel, val.tolist())}
+    pairs = [(f"a/copy{i}.png", f"a/sub0/{2 * i}.png") for i in range(4)]
+    pairs = [(c, o) for c, o in pairs if c in side and o in side]
+    assert pairs and all(side[c] == side[o] for c, o in pairs)  # every copy on the side of its original

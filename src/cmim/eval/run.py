@@ -65,10 +65,12 @@ def open_source(path: str | os.PathLike | None, recipe: str | os.PathLike | dict
     if path is None and arch is None:
         raise ConfigError("give a checkpoint, --arch RECIPE (fresh weights) or --raw-pixels")
     if path is None:
-        data = OmegaConf.to_container(load_config(arch).data, resolve=True)
+        # a folder recipe leaves data.root to its user (`???`): the evaluation's folder completes it
+        root = [o for o in overrides or [] if o.startswith("data.root=")][-1:]
+        data = OmegaConf.to_container(load_config(arch, root).data, resolve=True)
         cfg = load_eval_config(recipe, [*(overrides or []), "init=random"], base_data=data)  # type: ignore[arg-type]
         resolve_auto_stats(cfg.data)
-        return recipe_source(arch, seed=cfg.seed), cfg  # type: ignore[arg-type]
+        return recipe_source(arch, root, seed=cfg.seed), cfg  # type: ignore[arg-type]
     src = load_source(path, _peek(recipe, overrides, "encoder", "teacher"))
     cfg = load_eval_config(recipe, overrides, base_data=src.data)
     resolve_auto_stats(cfg.data)  # data.mean/std=auto given here (a checkpoint holds the numbers)
