@@ -273,7 +273,8 @@ def test_pretrain_conmim_on_5band_tiffs_then_eval_knn(tmp_path: Path, capsys: py
     write_band_folder(root, 8)
     over = tiny_overrides(tmp_path, "data.name=folder", f"data.root={root}", "data.in_chans=5",
                           "data.mean=auto", "data.std=auto", "data.val_fraction=0.25", "data.eval_split=val",
-                          "data.num_workers=2", "train.epochs=1", "train.batch_size=4", "monitor.health_images=8")
+                          "data.num_workers=2", "train.epochs=1", "train.batch_size=4", "monitor.health_images=8",
+                          "data.split_twins=false")  # each class's bands are one picture: twins
     assert main(["pretrain", _recipe(tmp_path), *over]) == 0
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())

@@ -131,3 +131,13 @@ def test_folder_items_come_from_the_cache(tmp_path: Path) -> None:
     img, _ = ds[0]
     assert min(img.size) == 32  # shorter side twice data.img_size
     assert list((tmp_path / "cache" / "images").rglob("*.npy"))
+
+
+def test_a_class_that_is_one_group_trains() -> None:
+    rel = [f"y{i}.png" for i in range(5)]
+    labels = np.array([0, 0, 0, 1, 1])
+    groups = np.array([7, 7, 7, 8, 9])  # class 0: three twins of one picture
+    for fraction in (1e-9, 0.999):
+        held = held_out_mask(rel, labels, fraction, groups=groups)
+        assert not held[:3].any()  # never the whole class in val, never split
+        assert held[3:].sum() == 1

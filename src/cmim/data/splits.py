@@ -66,8 +66,9 @@ def held_out_mask(relpaths: Sequence[str], targets: np.ndarray, fraction: float,
     a new twin can only move its group to training (never a training file into val), and a large cluster of
     variants (hundreds of near-identical stars) stays in training instead of filling the hold-out. Each class
     (a label; an unlabeled folder is one class) holds out about ``fraction`` of its files without twins. Two
-    corrections keep small classes usable, moving whole groups: a class of >= 2 files with none held out gives
-    its lowest-draw group to val, and one whose files were all held out keeps its highest-draw group.
+    corrections keep small classes usable, moving whole groups: a class of >= 2 groups with none held out gives
+    its lowest-draw group to val, and one whose files were all held out keeps its highest-draw group; a class
+    that is one file or one group of twins trains.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
@@ -83,8 +84,8 @@ def held_out_mask(relpaths: Sequence[str], targets: np.ndarray, fraction: float,
     targets = np.asarray(targets)
     for c in np.unique(targets):
         idx = np.flatnonzero(targets == c)
-        if len(idx) < 2:
-            held[inverse == inverse[idx[0]]] = False  # a single-file class trains, with its group
+        if len(np.unique(inverse[idx])) < 2:
+            held[inverse == inverse[idx[0]]] = False  # a class of one file or one group trains, whole
         elif not held[idx].any():
             pick = idx[np.argmin(u_of[idx])]
             held[inverse == inverse[pick]] = True
