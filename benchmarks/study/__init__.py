@@ -52,12 +52,11 @@ data.split_seed=<seed> (near-duplicates on one side). Work in benchmarks/study_r
 benchmarks/study_records_folder (commit them), outputs benchmarks/RESULTS_folder.md, results_folder.json and
 study_folder.png. Expected cost on 2 idle cores, an estimate until the first run's RESULTS_folder.md measures
 it: 5-8 h. Pre-training stays within the recipes' budgets (ConMIM: 20 epochs of the ~7.2k training images, about
-15 min by its recipe's "1 min per 10k images per epoch"; SimMIM took 3/4 of ConMIM's time on Fashion-MNIST;
+12 min on an idle Zen 5 (benchmarks/study_notes.md, "Real folders"); SimMIM took 3/4 of ConMIM's time on Fashion-MNIST;
 MoCo v3 and MimCo together at most 30 min), at most 1 h per seed; the five rows that fine-tune (four encoders and
 from scratch) two fine-tunes each, of 224 and 200 steps, about 4-9 min each (scaled from the Fashion-MNIST
 fine-tunes' times), and the probed rows the features of ~8k images (a minute each) and the probes (seconds):
-1-1.5 h of evaluation per seed. The MoCo v3 and MimCo folder recipes are placeholders until their
-own land (configs/mocov3_folder_cpu.yaml, configs/mimco_folder_cpu.yaml). `--quick` runs the same commands on
+1-1.5 h of evaluation per seed. `--quick` runs the same commands on
 600 images for one epoch, 5 fine-tune steps (outputs in /tmp/cmim_study_quick_folder): its runs summed to 21 min
 on 2 cores shared with two other jobs (2026-12-05). On such a busy machine run it with OMP_NUM_THREADS=1: there a
 5-step fine-tune took 284 s with two threads and 24-75 s with one.
