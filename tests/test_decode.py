@@ -41,7 +41,9 @@ def write_jpeg_folder(root: Path, per_class: int = 6) -> None:
 
 def _cfg(root: Path, *extra: str):
     return load_config(None, tiny_overrides(root.parent, "data.name=folder", f"data.root={root}",
-                                            "data.img_size=16", "data.crop_scale=[0.3,1.0]", *extra))
+                                            "data.img_size=16", "data.crop_scale=[0.3,1.0]",
+                                            "data.cache_images=false",  # the CPU reference decodes full size
+                                            *extra))
 
 
 def _datasets(root: Path, *extra: str):

@@ -1139,7 +1139,8 @@ def _folder_dataset(cfg: Any, root: str, split: str, in_chans: int) -> BaseImage
     fraction = float(_cfg(cfg, "val_fraction", 0.0))
     twins = bool(_cfg(cfg, "split_twins", True)) and fraction > 0.0
     float_pixels = needs_float_pixels(in_chans, str(_cfg(cfg, "bit_depth", "auto")))
-    keep_images = bool(_cfg(cfg, "cache_images", True)) and not float_pixels  # the cache holds 8-bit images
+    # the cache holds 8-bit images decoded on the CPU (data.decode=device decodes full-size files on the device)
+    keep_images = bool(_cfg(cfg, "cache_images", True)) and not float_pixels and _cfg(cfg, "decode", "cpu") == "cpu"
     cache = folder_cache(cfg, in_chans, background, keep_images) if twins or keep_images else None
     if fraction <= 0.0:
         folder = os.path.join(root, split) if split else root
