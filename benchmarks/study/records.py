@@ -32,6 +32,9 @@ RUN_PATHS = ("train.out_dir", "data.root", "mimco.teacher", "data.cache_dir")
 # they change nothing, so at these (default) values they stay out of its fingerprint and those records stand.
 FOLDER_ONLY = {"data.split_twins": True, "data.twin_cosine": 0.99, "data.cache_images": True,
                "data.cache_short_side": None}
+# Settings that joined cmim later still and, at these (default) values, change nothing anywhere: an 8-bit 1- or
+# 3-channel run (data.bit_depth=auto) from a random init (model.init_from=null).
+LATER_DEFAULTS = {"data.bit_depth": "auto", "model.init_from": None}
 
 
 def read_json(path: Path) -> Any:
@@ -73,7 +76,7 @@ def machine() -> str:
 
 def config_fingerprint(recipe: Path, overrides: list[str], data_files: str | None = None) -> str:
     """What a pre-training run learns from, wherever it runs: its resolved config less RUN_IGNORE and RUN_PATHS
-    (and FOLDER_ONLY off folders); ``data_files`` names a folder's content in place of its path."""
+    (and FOLDER_ONLY off folders, LATER_DEFAULTS at their defaults); ``data_files`` names a folder's content in place of its path."""
     from omegaconf import OmegaConf
 
     from cmim.config import Config, merge_config
@@ -82,7 +85,8 @@ def config_fingerprint(recipe: Path, overrides: list[str], data_files: str | Non
     cfg = flatten(OmegaConf.to_container(merge_config(Config, [], recipe, overrides, lambda c: None), resolve=True))
     folder = cfg.get("data.name") == "folder"
     kept = {k: v for k, v in cfg.items() if not k.startswith(RUN_IGNORE) and k not in RUN_PATHS
-            and (folder or k not in FOLDER_ONLY or v != FOLDER_ONLY[k])}
+            and (folder or k not in FOLDER_ONLY or v != FOLDER_ONLY[k])
+            and (k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k])}
     if data_files is not None:
         kept["data.files"] = data_files
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
