@@ -76,7 +76,8 @@ def machine() -> str:
 
 def config_fingerprint(recipe: Path, overrides: list[str], data_files: str | None = None) -> str:
     """What a pre-training run learns from, wherever it runs: its resolved config less RUN_IGNORE and RUN_PATHS
-    (and FOLDER_ONLY off folders, LATER_DEFAULTS at their defaults); ``data_files`` names a folder's content in place of its path."""
+    (and FOLDER_ONLY off folders, LATER_DEFAULTS at their defaults); ``data_files`` names a folder's content
+    in place of its path."""
     from omegaconf import OmegaConf
 
     from cmim.config import Config, merge_config
