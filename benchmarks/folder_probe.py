@@ -32,6 +32,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
+from cmim.core.health import embedding_health
 from cmim.core.knn import knn_scores
 from cmim.core.precision import autocast
 from cmim.data.augment import normalize
@@ -98,12 +99,6 @@ def image_share(tokens: torch.Tensor) -> float:
     return float((per_image.pow(2).sum() * tokens.shape[1]) / centred.pow(2).sum())
 
 
-def mean_cosine(f: torch.Tensor) -> float:
-    z = torch.nn.functional.normalize(f, dim=1)
-    n = len(z)
-    return float((z.sum(0).pow(2).sum() - n) / (n * (n - 1)))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sources", nargs="+", help="checkpoint[:student] | random:RECIPE | pixels, then key=value")
@@ -139,8 +134,8 @@ def main() -> int:
             row["knn_mean_centred"] = knn(a["mean"] - mu, ya, b["mean"] - mu, yb)[0]
             row["position_share"] = position_share(b["tokens"])
             row["image_share"] = image_share(b["tokens"])
-            row["mean_cos_mean"] = mean_cosine(b["mean"])
-            row["mean_cos_cls"] = mean_cosine(b["cls"])
+            row["mean_cos_mean"] = embedding_health(b["mean"])["mean_cos"]
+            row["mean_cos_cls"] = embedding_health(b["cls"])["mean_cos"]
         for f in (["pixels"] if src is None else ["cls", "mean"]):
             row[f"linear_{f}"] = linear(a[f].numpy(), ya.numpy(), b[f].numpy(), yb.numpy())
         rows[name] = {k: round(v, 4) for k, v in row.items()}

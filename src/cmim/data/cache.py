@@ -95,7 +95,7 @@ class DecodedCache:
         self.root = Path(root)
         self.short_side = int(short_side)
         self.keep_images = keep_images
-        self._setting = f"s{self.short_side}-c{int(in_chans)}-bg{'.'.join(str(int(v)) for v in background)}"
+        self.setting = f"s{self.short_side}-c{int(in_chans)}-bg{'.'.join(str(int(v)) for v in background)}"
         self._keys: dict[str, tuple[int, int, str]] = {}
 
     def key(self, path: str) -> str:
@@ -108,11 +108,11 @@ class DecodedCache:
         return key
 
     def _image_path(self, key: str) -> Path:
-        return self.root / "images" / self._setting / key[:2] / f"{key}.npy"
+        return self.root / "images" / self.setting / key[:2] / f"{key}.npy"
 
     def _fingerprint_path(self, key: str) -> Path:
         # the thumbnail is taken before any shrinking, so it does not depend on short_side
-        return self.root / "fingerprints" / self._setting.split("-", 1)[1] / key[:2] / f"{key}.npy"
+        return self.root / "fingerprints" / self.setting.split("-", 1)[1] / key[:2] / f"{key}.npy"
 
     def _decode(self, key: str, loader: Callable[[], Image.Image]) -> Image.Image:
         full = loader()

@@ -1120,7 +1120,7 @@ _SAID: set[tuple] = set()  # splits already described in the log (once per proce
 
 def _twin_groups(ds: ImageFolderDataset, threshold: float, workers: int) -> np.ndarray:
     assert ds.cache is not None
-    key = (os.path.realpath(ds.root), tuple(ds.paths), ds.cache.root, ds.cache._setting, threshold)
+    key = (os.path.realpath(ds.root), tuple(ds.paths), ds.cache.root, ds.cache.setting, threshold)
     if key not in _GROUPS:
         loader = torch.utils.data.DataLoader(_Fingerprints(ds), batch_size=64, num_workers=workers,
                                              collate_fn=list)

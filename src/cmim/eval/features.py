@@ -23,6 +23,7 @@ from cmim.core.errors import ConfigError
 from cmim.core.io import atomic_torch_save
 from cmim.core.weights import read_weights
 from cmim.data.datasets import skipped_files
+from cmim.engine.memory import host_available_bytes
 from cmim.eval.datasets import check_data_fits, eval_dataset, split_name
 from cmim.eval.knn import extract_features, pixel_features
 from cmim.eval.loading import EncoderSource
@@ -62,19 +63,11 @@ def _key(src: EncoderSource, cfg: DictConfig, part: str, feature: str) -> dict[s
     }
 
 
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
 def check_pixel_memory(num_images: int, data: DictConfig) -> None:
     """Refuse, in one line, raw-pixel features that cannot fit in memory (they are held as float32), instead of
     being killed by the kernel half-way."""
     need = num_images * int(data.in_chans) * int(data.img_size) ** 2 * 4
-    free = _available_bytes()
+    free = host_available_bytes()
     if free is not None and need > 0.8 * free:
         raise ConfigError(f"raw-pixel features of {num_images} images at {data.in_chans}x{data.img_size}x"
                           f"{data.img_size} need {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB "
