@@ -35,7 +35,8 @@ from cmim.data import (
     load_pixels,
     sample_photometric_params,
 )
-from cmim.data.datasets import _high_bit_depth_to_l, load_image
+from cmim.data.images import _high_bit_depth_to_l
+from cmim.data.pixels import load_image
 from cmim.data.stats import estimate_mean_std, resolve_auto_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cmim.core.errors import ConfigError, require
 from cmim.core.precision import PRECISIONS
-from cmim.data.datasets import BIT_DEPTHS, needs_float_pixels
+from cmim.data.base import BIT_DEPTHS, needs_float_pixels
 
 
 @dataclass
@@ -59,7 +59,7 @@ class DataConfig:
     mean: list[float] | str = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] | str = field(default_factory=lambda: [0.229, 0.224, 0.225])
     # "auto": 8 bits for 1- and 3-channel runs (16-bit files rounded), full depth otherwise | "8" | "full": every
-    # file at its own depth, scaled to [0, 1] (float32 views; cmim.data.datasets.load_pixels)
+    # file at its own depth, scaled to [0, 1] (float32 views; cmim.data.pixels.load_pixels)
     bit_depth: str = "auto"
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
@@ -77,7 +77,7 @@ class DataConfig:
     # most images with alpha (product photos, icons, logos) are made to be shown on a white page.
     background: list[int] = field(default_factory=lambda: [255, 255, 255])
     # folder only: > 0 splits data.root itself (no train/val sub-folders needed), class-stratified and stable
-    # per file (cmim.data.datasets.held_out_mask); split names "train" and "val"/"test" then name the parts.
+    # per file (cmim.data.splits.held_out_mask); split names "train" and "val"/"test" then name the parts.
     val_fraction: float = 0.0
     split_seed: int = 0  # seed of that split's hash (kept with the checkpoint, so evals see the same split)
     # ... and keeps near-duplicate files (32x32 grey thumbnails with a cosine above twin_cosine) on one side, so

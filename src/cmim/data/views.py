@@ -24,18 +24,12 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
 from cmim.data.augment import NUM_PARAMS, ViewSpec, sample_photometric_params
-from cmim.data.datasets import (
-    BaseImageDataset,
-    EncodedJpeg,
-    ImageLike,
-    build_base_dataset,
-    check_folder_channels,
-    folder_parts,
-)
+from cmim.data.base import BaseImageDataset, EncodedJpeg, ImageLike, ImageView
+from cmim.data.factory import build_base_dataset
+from cmim.data.folder import check_folder_channels, folder_parts
 
 __all__ = [
     "EvalDataset",
@@ -131,7 +125,7 @@ def _decoding_on_cpu(base: BaseImageDataset) -> Iterator[None]:
             folder.keep_jpeg = keep
 
 
-class PretrainDataset(Dataset):
+class PretrainDataset(ImageView):
     """Pre-training items: ``crops`` uint8 (num_crops, C, S, S), ``aug`` float32 (V, K), optional ``mask``
     bool (gh*gw,), ``label`` and ``index`` int64.
 
@@ -225,7 +219,7 @@ class PretrainDataset(Dataset):
             return self[index]
 
 
-class EvalDataset(Dataset):
+class EvalDataset(ImageView):
     """Deterministic eval items: shorter side → ``round(img_size / eval_crop_pct)``, centre crop ``img_size``.
 
     Returns ``image`` uint8 (C, S, S) (float32 in [0, 1] for ``float_pixels`` datasets), ``label`` and ``index``

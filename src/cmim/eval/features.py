@@ -22,7 +22,7 @@ from cmim.core.distributed import resolve_device
 from cmim.core.errors import ConfigError
 from cmim.core.io import atomic_torch_save
 from cmim.core.weights import read_weights
-from cmim.data.datasets import skipped_files
+from cmim.data.skips import skipped_files
 from cmim.engine.memory import host_available_bytes
 from cmim.eval.datasets import check_data_fits, eval_dataset, split_name
 from cmim.eval.knn import extract_features, pixel_features

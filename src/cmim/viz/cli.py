@@ -75,7 +75,7 @@ def _default_out(path: str, name: str) -> Path:
 
 def class_names(cfg: DictConfig) -> list[str]:
     """The eval split's class names (empty when the data has none or cannot be read)."""
-    from cmim.data.datasets import build_base_dataset
+    from cmim.data.factory import build_base_dataset
 
     try:
         return list(build_base_dataset(cfg.data, str(cfg.data.eval_split)).classes)
