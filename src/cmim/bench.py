@@ -262,6 +262,7 @@ def data_pipeline(cfg: DictConfig, spec: Any, items: int, source: str,
     parameters of every view and the mask. ``source``: the recipe's dataset, JPEG files, or procedural. With
     ``decode="device"`` (default: ``data.decode``) on files, the per-core rate is the workers' share (read the
     bytes, draw the crops), and ``device_decode_img_per_s`` times the step's decoding of 64 of them on ``device``."""
+    from cmim.data.base import DecodeMode
     from cmim.data.factory import build_base_dataset
     from cmim.data.folder import ImageFolderDataset
     from cmim.data.synthetic import SyntheticDataset
@@ -291,7 +292,7 @@ def data_pipeline(cfg: DictConfig, spec: Any, items: int, source: str,
     decode = decode or str(getattr(d, "decode", "cpu"))
     on_device = decode == "device" and isinstance(base, ImageFolderDataset)
     if on_device:
-        base.keep_jpeg = True
+        base = base.with_decode_mode(DecodeMode.device)
         label += ", decode on the device"
     out: dict[str, Any] = {"source": label, "items": items}
     try:

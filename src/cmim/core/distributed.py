@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cmim.core.choices import Choice
 from cmim.core.errors import ConfigError
 
 
@@ -27,6 +28,14 @@ class DistInfo:
     def enabled(self) -> bool:
         """Distributed training is on: the model is wrapped in DDP and steps agree through collectives."""
         return self.group
+
+
+class DeviceChoice(Choice):
+    """``train.device``: "auto" (CUDA when there is one) | "cpu" | "cuda"."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from cmim.data.base import BaseImageDataset
+from cmim.data.base import BaseImageDataset, BitDepth, needs_float_pixels
 
 __all__ = ["CIFAR", "DEFAULT_FASHION_MNIST_ROOT", "FASHION_MNIST_CLASSES", "FashionMNIST", "rgb_to_luma_u8"]
 
@@ -33,7 +33,8 @@ def rgb_to_luma_u8(rgb: np.ndarray) -> np.ndarray:
 class _ArrayDataset(BaseImageDataset):
     """Images held in one uint8 array (N, H, W) or (N, H, W, 3); 1 → 3 channels is replicated per item."""
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, classes: list[str], in_chans: int) -> None:
+    def __init__(self, images: np.ndarray, targets: np.ndarray, classes: list[str], in_chans: int,
+                 bit_depth: str = BitDepth.auto) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"{type(self).__name__} images have 1 or 3 channels, not data.in_chans={in_chans} "
                              "(other channel counts: data.name=folder)")
@@ -43,6 +44,7 @@ class _ArrayDataset(BaseImageDataset):
         self.targets = np.asarray(targets, dtype=np.int64)
         self.classes = classes
         self.in_chans = in_chans
+        self.float_pixels = needs_float_pixels(in_chans, bit_depth)  # data.bit_depth=full: float views of them
         self._replicate = self.images.ndim == 3 and in_chans == 3
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
@@ -78,7 +80,8 @@ class FashionMNIST(_ArrayDataset):
     """Fashion-MNIST from the four IDX files (``.gz`` or uncompressed) in ``root``; split "train"/"test"."""
 
     def __init__(
-        self, root: str | os.PathLike | None = None, split: str = "train", in_chans: int = 1
+        self, root: str | os.PathLike | None = None, split: str = "train", in_chans: int = 1,
+        bit_depth: str = BitDepth.auto,
     ) -> None:
         root_p = Path(root if root is not None else DEFAULT_FASHION_MNIST_ROOT)
         if not root_p.is_dir():
@@ -90,7 +93,7 @@ class FashionMNIST(_ArrayDataset):
         labels = _read_idx(_find_file(root_p, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.shape != (images.shape[0],):
             raise ValueError(f"Fashion-MNIST files in {root_p} have inconsistent shapes")
-        super().__init__(images, labels, list(FASHION_MNIST_CLASSES), in_chans)
+        super().__init__(images, labels, list(FASHION_MNIST_CLASSES), in_chans, bit_depth)
         self.root, self.split = root_p, split
 
 
@@ -127,7 +130,8 @@ class CIFAR(_ArrayDataset):
     """
 
     def __init__(
-        self, root: str | os.PathLike, split: str = "train", num_classes: int = 10, in_chans: int = 3
+        self, root: str | os.PathLike, split: str = "train", num_classes: int = 10, in_chans: int = 3,
+        bit_depth: str = BitDepth.auto,
     ) -> None:
         if num_classes not in (10, 100):
             raise ValueError(f"CIFAR num_classes must be 10 or 100, got {num_classes}")
@@ -157,5 +161,5 @@ class CIFAR(_ArrayDataset):
             raw = _unpickle(root_p / meta_name).get(meta_key)
             if raw is not None and len(raw) == num_classes:
                 classes = [n.decode() if isinstance(n, bytes) else str(n) for n in raw]
-        super().__init__(images, labels, classes, in_chans)
+        super().__init__(images, labels, classes, in_chans, bit_depth)
         self.root, self.split = root_p, split

@@ -19,7 +19,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["BIT_DEPTHS", "BaseImageDataset", "EncodedJpeg", "ImageLike", "ImageView", "check_in_chans",
+from cmim.core.choices import Choice
+
+__all__ = ["BaseImageDataset", "BitDepth", "DecodeMode", "EncodedJpeg", "ImageLike", "ImageView", "check_in_chans",
            "needs_float_pixels"]
 
 
@@ -73,6 +75,11 @@ class BaseImageDataset(Dataset):
         dataset holds its own samples. Skip accounting follows it down to the files (:mod:`cmim.data.folder`)."""
         return None
 
+    def decoding_on_cpu(self) -> BaseImageDataset:
+        """The same samples with every file decoded on the CPU (what the device decoder falls back to for a file
+        it cannot decode); itself for datasets that never hand out undecoded files."""
+        return self
+
 
 class ImageView(Dataset):
     """A dataset whose item ``i`` is made from item ``i`` of :attr:`base` (crops, an eval resize): the same
@@ -87,13 +94,21 @@ def check_in_chans(in_chans: int) -> int:
     return int(in_chans)
 
 
-BIT_DEPTHS = ("auto", "8", "full")
+# ``data.bit_depth``: "auto" (8 bits for 1- and 3-channel runs, 16-bit files rounded; full depth otherwise), "8",
+# or "full" (every file at its own depth, scaled to [0, 1])
+BitDepth = Choice("BitDepth", ["auto", "8", "full"])
 
 
 def needs_float_pixels(in_chans: int, bit_depth: str = "auto") -> bool:
     """Whether a run's views are float32 from float items instead of uint8 images: any channel count but 1 or 3
     (PIL has no such modes), or ``data.bit_depth=full`` (16-bit files keep their depth)."""
-    if str(bit_depth) not in BIT_DEPTHS:
-        raise ValueError(f"bit_depth must be one of {BIT_DEPTHS}, got {bit_depth!r}")
-    return int(in_chans) not in (1, 3) or str(bit_depth) == "full"
+    return int(in_chans) not in (1, 3) or BitDepth(bit_depth) is BitDepth.full
 
+
+class DecodeMode(Choice):
+    """``data.decode``: where pre-training decodes a folder's JPEG files. "cpu": PIL in the loader workers;
+    "device": the workers hand over the bytes (:class:`EncodedJpeg`) and the step decodes them
+    (:mod:`cmim.data.decode`)."""
+
+    cpu = "cpu"
+    device = "device"

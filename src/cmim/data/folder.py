@@ -8,6 +8,7 @@ selection under any wrapper, for the skip reports (:mod:`cmim.data.skips`) and t
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -20,7 +21,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
-from cmim.data.base import BaseImageDataset, EncodedJpeg, ImageLike, ImageView, check_in_chans
+from cmim.data.base import (
+    BaseImageDataset,
+    BitDepth,
+    DecodeMode,
+    EncodedJpeg,
+    ImageLike,
+    ImageView,
+    check_in_chans,
+    needs_float_pixels,
+)
 from cmim.data.cache import DecodedCache
 from cmim.data.images import DEFAULT_BACKGROUND, DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, read_jpeg
 from cmim.data.pixels import channel_mismatch, channels_fit, image_channels, load_image, load_pixels
@@ -87,6 +97,8 @@ class ImageFolderDataset(BaseImageDataset):
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         background: Sequence[int] = DEFAULT_BACKGROUND,
         cache: DecodedCache | None = None,
+        bit_depth: str = BitDepth.auto,
+        decode_mode: str = DecodeMode.cpu,
     ) -> None:
         self.root = str(root)
         self.cache = cache
@@ -121,9 +133,10 @@ class ImageFolderDataset(BaseImageDataset):
         self.targets = np.array([t for _, t in samples], dtype=np.int64)
         self._record = _shared_record(self.root, self.max_image_pixels, self.paths)
         self._bad = self._record.flags
-        self.keep_jpeg = False  # data.decode=device: JPEG files come back undecoded (EncodedJpeg)
-        # full depth, any channel count: items are float32 (H, W, C) arrays (load_pixels); set by data.bit_depth
-        self.float_pixels = self.in_chans not in (1, 3)
+        # data.decode=device: JPEG files come back undecoded (EncodedJpeg), for the training step to decode
+        self.decode_mode = DecodeMode(decode_mode)
+        # full depth, any channel count: items are float32 (H, W, C) arrays (load_pixels)
+        self.float_pixels = needs_float_pixels(self.in_chans, bit_depth)
 
     def _mark_bad(self, index: int, err: BaseException) -> None:
         if not self._bad[index]:
@@ -131,17 +144,29 @@ class ImageFolderDataset(BaseImageDataset):
             self._bad[index] = 1
 
     def load(self, index: int) -> ImageLike:
-        """Decode sample ``index``, or with :attr:`keep_jpeg` read a JPEG's bytes (raises for unreadable files;
-        records nothing); with :attr:`float_pixels` a float32 (H, W, C) array at the file's full depth."""
+        """Decode sample ``index``, or with :attr:`decode_mode` "device" read a JPEG's bytes (raises for unreadable
+        files; records nothing); with :attr:`float_pixels` a float32 (H, W, C) array at the file's full depth."""
         if self.float_pixels:
             return load_pixels(self.paths[index], self.in_chans, self.max_image_pixels, self.background)
-        if self.keep_jpeg:
+        if self.decode_mode is DecodeMode.device:
             encoded = read_jpeg(self.paths[index], self.max_image_pixels)
             if encoded is not None:
                 return encoded
         if self.cache is not None and self.cache.keep_images:
             return self.cache.get(self.paths[index], functools.partial(self.decode, index))
         return self.decode(index)
+
+    def with_decode_mode(self, decode_mode: str) -> ImageFolderDataset:
+        """This folder (the same listing, cache and shared skip record) read with another decode mode; itself
+        when the mode is its own. A new object, so datasets already built over this one keep theirs."""
+        if DecodeMode(decode_mode) is self.decode_mode:
+            return self
+        twin = copy.copy(self)
+        twin.decode_mode = DecodeMode(decode_mode)
+        return twin
+
+    def decoding_on_cpu(self) -> ImageFolderDataset:
+        return self.with_decode_mode(DecodeMode.cpu)
 
     def decode(self, index: int) -> Image.Image:
         """Decode sample ``index`` from its file, at full size."""

@@ -36,6 +36,10 @@ class SubsetDataset(BaseImageDataset):
     def selection(self) -> tuple[BaseImageDataset, np.ndarray]:
         return self.base, self.indices
 
+    def decoding_on_cpu(self) -> BaseImageDataset:
+        base = self.base.decoding_on_cpu()
+        return self if base is self.base else SubsetDataset(base, self.indices)
+
     def __getitem__(self, index: int) -> tuple[ImageLike, int]:
         if isinstance(self.base, ImageFolderDataset):
             n = len(self.indices)

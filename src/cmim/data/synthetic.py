@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from cmim.data.base import BaseImageDataset, check_in_chans
+from cmim.data.base import BaseImageDataset, BitDepth, check_in_chans, needs_float_pixels
 
 __all__ = ["SyntheticDataset"]
 
@@ -19,11 +19,12 @@ class SyntheticDataset(BaseImageDataset):
     classes well separated (more classes still work, with more bars). Item ``i`` depends only on ``(seed, i)``.
     """
 
-    def __init__(self, size: int, num_classes: int, img_size: int, in_chans: int = 1, seed: int = 0) -> None:
+    def __init__(self, size: int, num_classes: int, img_size: int, in_chans: int = 1, seed: int = 0,
+                 bit_depth: str = BitDepth.auto) -> None:
         if size <= 0 or num_classes <= 0 or img_size <= 0:
             raise ValueError("synthetic size, num_classes and img_size must be positive")
         self.in_chans = check_in_chans(in_chans)
-        self.float_pixels = self.in_chans not in (1, 3)  # uint8 (H, W, C) items the views divide by 255
+        self.float_pixels = needs_float_pixels(self.in_chans, bit_depth)  # uint8 items the views divide by 255
         self.img_size, self.seed = img_size, seed
         self.classes = [f"class_{c}" for c in range(num_classes)]
         perm = np.random.default_rng([seed, 0x5EED]).permutation(size)

@@ -47,7 +47,8 @@ def cache_dir(cfg: DictConfig) -> Path:
 def _key(src: EncoderSource, cfg: DictConfig, part: str, feature: str) -> dict[str, Any]:
     d = cfg.data
     root = str(Path(d.root).resolve()) if d.root else None
-    return {
+    # JSON values only: the key is saved with the features and read back weights-only (config choices as str)
+    return json.loads(json.dumps({
         "weights": src.tag, "feature": feature, "split": split_name(cfg, part), "dataset": d.name,
         "root": root,
         "img_size": d.img_size, "in_chans": d.in_chans, "mean": list(d.mean), "std": list(d.std),
@@ -60,7 +61,7 @@ def _key(src: EncoderSource, cfg: DictConfig, part: str, feature: str) -> dict[s
                        "max_image_pixels": d.max_image_pixels, "split_twins": d.split_twins,
                        "twin_cosine": d.twin_cosine, "cache_images": d.cache_images,
                        "cache_short_side": d.cache_short_side}} if d.name == "folder" else {}),
-    }
+    }))
 
 
 def check_pixel_memory(num_images: int, data: DictConfig) -> None:
@@ -108,6 +109,6 @@ def cached_features(src: EncoderSource, cfg: DictConfig, part: str, feature: str
                     len(skipped), key["split"])
     if use_cache:
         atomic_torch_save({"features": feats, "labels": labels, "key": key, "skipped": skipped,
-                           "config": OmegaConf.to_container(cfg.data, resolve=True)}, path)
+                           "config": OmegaConf.to_container(cfg.data, resolve=True, enum_to_str=True)}, path)
     return feats, labels, False
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cmim.core.choices import Choice
 from cmim.core.distributed import get_rank
 from cmim.core.schedules import cosine_schedule
 from cmim.data.augment import ViewSpec
@@ -30,6 +31,15 @@ from cmim.models import MaskedEncoder, build_encoder
 from cmim.models.init_from import init_encoder_from
 
 log = logging.getLogger("cmim")
+
+
+
+class EncoderRole(Choice):
+    """Which of a method's encoders (``monitor.encoder``): "teacher" (the EMA one where there is one, what
+    downstream use takes) | "student"."""
+
+    teacher = "teacher"
+    student = "student"
 
 
 class Method(nn.Module):
