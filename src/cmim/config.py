@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "fashion-mnist"  # fashion-mnist | folder | synthetic | cifar10 | cifar100
+    name: str = "fashion-mnist"  # fashion-mnist | folder | shards | synthetic | cifar10 | cifar100
     root: str | None = None  # None: the dataset's default location (Debian's Fashion-MNIST)
     train_split: str = "train"
     eval_split: str = "test"
@@ -266,7 +266,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 
-DATASETS = ("fashion-mnist", "folder", "synthetic", "cifar10", "cifar100")
+DATASETS = ("fashion-mnist", "folder", "shards", "synthetic", "cifar10", "cifar100")
 
 
 def validate_data_input(d: DictConfig) -> None:
@@ -275,7 +275,8 @@ def validate_data_input(d: DictConfig) -> None:
     require(d.name in DATASETS, f"data.name: unknown dataset {d.name!r}")
     if d.name != "synthetic":
         if d.root is not None:
-            require(Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
+            # shards: data.root may be a pattern or URL; cmim.data.shards says in one line what it cannot find
+            require(d.name == "shards" or Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
         else:
             require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
     require(d.in_chans >= 1, f"data.in_chans: must be >= 1, got {d.in_chans}")

@@ -1190,6 +1190,10 @@ def build_base_dataset(cfg: Any, split: str) -> BaseImageDataset:
         if root is None:
             raise ValueError("data.root must be set for the folder dataset")
         ds = _folder_dataset(cfg, str(root), split, in_chans)
+    elif name == "shards":  # WebDataset tar shards with an index (cmim.data.shards)
+        from cmim.data.shards.dataset import build_shard_dataset
+
+        ds = build_shard_dataset(cfg, split, in_chans)
     elif name == "synthetic":
         seed = zlib.crc32(str(split).encode())  # different, fixed images per split
         ds = SyntheticDataset(
@@ -1201,7 +1205,7 @@ def build_base_dataset(cfg: Any, split: str) -> BaseImageDataset:
         )
     else:
         raise ValueError(
-            f"unknown dataset name {cfg.name!r} (fashion-mnist, folder, synthetic, cifar10, cifar100)"
+            f"unknown dataset name {cfg.name!r} (fashion-mnist, folder, shards, synthetic, cifar10, cifar100)"
         )
     if needs_float_pixels(in_chans, str(_cfg(cfg, "bit_depth", "auto"))):  # data.bit_depth=full: on the base itself
         base = ds.base if isinstance(ds, SubsetDataset) else ds
