@@ -154,6 +154,18 @@ def test_unreadable_sample_in_a_shard_falls_through(shards, tmp_path):
     assert np.array_equal(np.asarray(ds[2][0]), np.asarray(ds[3][0])) and label == ds.targets[3]
 
 
+def test_a_missing_shard_is_an_error_not_a_skip(shards, tmp_path):
+    _, out = shards
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    (partial / "shard-000002.tar").unlink()
+    ds = build_base_dataset(data_cfg(str(partial), tmp_path), "train")
+    ds[0]
+    with pytest.raises(FileNotFoundError, match="shard-000002.tar"):
+        ds[25]
+    assert ds.num_skipped == 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reader: sources
 # ----------------------------------------------------------------------------------------------------
@@ -235,6 +247,8 @@ def test_config_takes_shard_patterns(shards, tmp_path):
     pattern = f"data.root={out}/shard-{{000000..000006}}.tar"
     cfg = load_config(None, tiny_overrides(tmp_path, "data.name=shards", pattern))
     assert cfg.data.name == "shards"
+    with pytest.raises(ConfigError, match="8-bit images"):
+        load_config(None, tiny_overrides(tmp_path, "data.name=shards", pattern, "data.bit_depth=full"))
     with pytest.raises(SystemExit) as e:
         main(["shards", "--help"])
     assert e.value.code == 0

@@ -49,7 +49,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"  # fashion-mnist | folder | shards | synthetic | cifar10 | cifar100
-    root: str | None = None  # None: the dataset's default location (Debian's Fashion-MNIST)
+    # None: the dataset's default location (Debian's Fashion-MNIST); shards: a folder from `cmim shards`, an
+    # index.json (path or URL) or a brace pattern of local, http(s):// or pipe: shards (cmim.data.shards)
+    root: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
     img_size: int = 224
@@ -340,6 +342,8 @@ def validate(cfg: DictConfig) -> None:
     require(d.decode in ("cpu", "device"), f"data.decode: must be cpu or device, got {d.decode!r}")
     require(d.decode == "cpu" or d.name == "folder",
             f"data.decode=device decodes JPEG files of data.name=folder; {d.name} is held decoded in memory")
+    require(d.name != "shards" or not needs_float_pixels(d.in_chans, d.bit_depth),
+            "data.bit_depth=full: shards are read as 8-bit images; full depth needs data.name=folder")
     require(d.decode == "cpu" or not needs_float_pixels(d.in_chans, d.bit_depth),
             "data.decode=device decodes 8-bit JPEGs; full bit depth and other channel counts decode on the CPU")
     require(m.init_from is None or Path(m.init_from).exists(), f"model.init_from: not found: {m.init_from}")

@@ -134,7 +134,9 @@ class ShardDataset(BaseImageDataset):
 
     def load(self, index: int) -> Image.Image:
         """Decode sample ``index`` (raises when it cannot be read; records nothing)."""
-        data = self.member(index)
+        return self._decode(self.member(index))
+
+    def _decode(self, data: bytes | None) -> Image.Image:
         if data is None:
             raise ValueError("the sample has no image member (.jpg, .png, .webp, ...)")
         return decode_image(data, self.in_chans, self.max_image_pixels, self.background)
@@ -148,10 +150,11 @@ class ShardDataset(BaseImageDataset):
                                                                      if path else "")
 
     def try_load(self, index: int, record: bool = True) -> Image.Image | None:
+        """Sample ``index``'s image, or (``record``: record it as unreadable and) None. A shard that cannot be
+        fetched, found or read raises: that is an error of the run, not of one sample."""
+        data = self.member(index)
         try:
-            return self.load(index)
-        except ConfigError:
-            raise  # a shard that cannot be fetched or read is an error of the run, not of one sample
+            return self._decode(data)
         except Exception as err:  # noqa: BLE001 - decoders raise many exception types for broken data
             if record and not self._bad[index]:
                 log.warning("skipping unreadable sample %s (%s)", self.name(index), skip_reason(err))
