@@ -17,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cmim.core.checkpoint_paths import CHECKPOINT_FORMATS
 from cmim.core.errors import ConfigError, require
 from cmim.core.precision import PRECISIONS
 from cmim.data.datasets import BIT_DEPTHS, needs_float_pixels
@@ -126,8 +127,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     out_dir: str = "runs/conmim"
-    resume: str | None = "auto"  # "auto": out_dir/checkpoint.pt when present; a path; or null
+    # "auto": the run's newest checkpoint when there is one (cmim.engine.checkpoint.checkpointer); a checkpoint
+    # file, DCP step folder or run folder; or null
+    resume: str | None = "auto"
     ckpt_every_steps: int = 0  # 0: only at epoch ends
+    checkpoint_format: str = "file"  # file: out_dir/checkpoint.pt, rank 0 | dcp: sharded step folders, every process
+    keep_checkpoints: int = 1  # the last N; an old one is deleted only once a newer one is complete
     log_every_steps: int = 20
     max_steps: int | None = None  # stop early (schedules still span all epochs): smoke runs and tests
     # A step whose loss or gradient norm is NaN/inf is skipped (weights, AdamW state and EMA teachers stay as
@@ -365,8 +370,11 @@ def validate(cfg: DictConfig) -> None:
     require(t.max_steps is None or t.max_steps > 0, "train.max_steps: must be positive or null")
     require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
     require(t.ckpt_every_steps >= 0 and t.log_every_steps > 0, "train.ckpt_every_steps/log_every_steps: invalid")
+    require(t.checkpoint_format in CHECKPOINT_FORMATS,
+            f"train.checkpoint_format: must be one of {', '.join(CHECKPOINT_FORMATS)}, got {t.checkpoint_format!r}")
+    require(t.keep_checkpoints >= 1, f"train.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
     if t.resume not in (None, "auto"):
-        require(Path(t.resume).is_file(), f"train.resume: checkpoint not found: {t.resume}")
+        require(Path(t.resume).exists(), f"train.resume: checkpoint not found: {t.resume}")
     mon = cfg.monitor
     require(mon.every_epochs >= 0, "monitor.every_epochs: must be >= 0")
     require(mon.encoder in ("teacher", "student"), "monitor.encoder: must be teacher or student")
