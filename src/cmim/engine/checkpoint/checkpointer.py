@@ -20,6 +20,7 @@ from typing import Any
 from cmim.core.checkpoint_paths import (
     CHECKPOINT_FILE,
     CHECKPOINTS_DIR,
+    DCP_METADATA,
     newest_dcp_checkpoint,
     parse_step_name,
 )
@@ -31,7 +32,7 @@ from cmim.engine.checkpoint import dcp as dcp_format
 from cmim.engine.checkpoint.retention import keep_file, next_dcp_name, prune
 from cmim.engine.checkpoint.state import RunState
 
-__all__ = ["Checkpointer", "find_checkpoint"]
+__all__ = ["Checkpointer", "consolidate", "find_checkpoint"]
 
 log = logging.getLogger("cmim")
 
@@ -116,3 +117,15 @@ class Checkpointer:
             state.check(ckpt, path)
         state.load_state_dict(ckpt, path)
         self.latest = path
+
+
+def consolidate(source: str | Path, out: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Write the DCP checkpoint at ``source`` (a step folder, or the newest complete one in a run or checkpoints
+    folder) as one single-file checkpoint ``out``, which ``cmim eval``, ``export``, ``viz``, ``report`` and a
+    resume read; one process, no process group. Returns (the DCP folder read, the checkpoint)."""
+    folder = newest_dcp_checkpoint(source)
+    if folder is None:
+        raise CheckpointError(f"no complete DCP checkpoint in {source} (a step folder with {DCP_METADATA})")
+    ckpt = dcp_format.read_full(folder)
+    atomic_torch_save(ckpt, out)
+    return folder, load_checkpoint(out)  # what every reader will check
