@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException as DCPException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     _MEM_FORMAT_ENCODING,
@@ -237,7 +238,7 @@ def _load(flat: dict[str, torch.Tensor], reader: SafeFileSystemReader) -> None:
             dcp.load(flat, storage_reader=reader, no_dist=not is_dist())
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - a missing or torn data file: one line
+    except (Exception, DCPException) as e:  # noqa: BLE001 - a missing or torn data file: one line
         raise CheckpointError(f"cannot read DCP checkpoint {reader.folder}: {_cause(e)}") from None
 
 
