@@ -204,3 +204,23 @@ def test_unsafe_globals_are_named_from_torchs_own_list(tmp_path, capsys):
     line = _one_line(capsys)
     assert f"{path}: refused: the file needs full unpickling (it references posix.system" in line
     assert not (tmp_path / "pwned").exists()
+
+
+def test_old_checkpoint_with_index_keyed_optimizer_resumes_exactly(tmp_path):
+    """Checkpoints written before this layout keyed AdamW's state by parameter index (optimizer.state_dict()):
+    they still resume, and bit-exactly."""
+    from cmim.engine.checkpoint.state import _param_names
+
+    straight = _run(tmp_path, "straight", "model.drop_path=0.1")
+    split = _run(tmp_path, "split", "model.drop_path=0.1", "train.max_steps=3")
+    ckpt = torch.load(split["checkpoint"], weights_only=True)
+    trainer = Trainer(load_config(CONMIM, tiny_overrides(tmp_path, *QUIET, f"train.out_dir={tmp_path / 'x'}")))
+    order = {n: i for i, n in enumerate(n for g in _param_names(trainer.method, trainer.optimizer) for n in g)}
+    osd = ckpt["optimizer"]
+    groups = [{**g, "params": [order[n] for n in g["params"]]} for g in osd["param_groups"]]
+    ckpt["optimizer"] = {"state": {order[n]: v for n, v in osd["state"].items()}, "param_groups": groups}
+    torch.save(ckpt, split["checkpoint"])
+    s = _run(tmp_path, "split", "model.drop_path=0.1")
+    assert s["steps"] == 8
+    _same(torch.load(straight["checkpoint"], weights_only=True)["model"],
+          torch.load(s["checkpoint"], weights_only=True)["model"])
