@@ -11,6 +11,7 @@ import torch
 from conftest import TINY
 
 from cmim.cli import main
+from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 from cmim.eval.baselines import balanced_label_indices
 from cmim.models import MaskedEncoder
 
@@ -153,7 +154,7 @@ def test_report_adds_the_raw_pixel_baseline_beside_eval_results(tmp_path):
 
     assert main(["pretrain", "configs/conmim_fmnist_cpu.yaml", *tiny_overrides(tmp_path), "train.max_steps=1",
                  "monitor.every_epochs=0"]) == 0
-    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt = tmp_path / "run" / CHECKPOINT_FILE
     assert main(["eval", "knn", str(ckpt), "data.synthetic_size=96", "precision=fp32", "batch_size=32",
                  f"cache_dir={tmp_path}"]) == 0
     html = write_report(tmp_path / "run", pictures=False).read_text()
@@ -216,7 +217,7 @@ def test_raw_pixels_of_a_folder_checkpoint_under_a_memory_limit(tmp_path):
                                                            "train.max_steps=1", "monitor.every_epochs=0")]) == 0
     out = tmp_path / "pixels.json"
     code = ("import sys; from cmim.cli import main; "
-            f"sys.exit(main(['eval', 'knn', {str(tmp_path / 'run' / 'checkpoint.pt')!r}, '--raw-pixels', "
+            f"sys.exit(main(['eval', 'knn', {str(tmp_path / 'run' / CHECKPOINT_FILE)!r}, '--raw-pixels', "
             f"'precision=fp32', 'data.num_workers=0', 'cache_dir={tmp_path / 'cache'}', 'out={out}']))")
     run = subprocess.run(["bash", "-c", f'ulimit -v 4000000; exec "{sys.executable}" -c "{code}"'],
                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)

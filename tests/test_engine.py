@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cmim.config import load_config
+from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 from cmim.engine.sampler import GlobalBatchSampler
 from cmim.train import pretrain
 
@@ -27,7 +28,7 @@ RECIPE = REPO / "configs" / "conmim_fmnist_cpu.yaml"
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    return torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"]
 
 
 def _run(tmp: Path, name: str, *extra: str) -> Path:
@@ -50,12 +51,12 @@ def test_resume_is_exact(tmp_path, precision):
     straight = _run(tmp_path, "straight", f"train.precision={precision}", "model.drop_path=0.1")
     # stop mid-epoch (3 of 8 steps; 4 steps per epoch), then resume from the checkpoint
     _run(tmp_path, "split", f"train.precision={precision}", "model.drop_path=0.1", "train.max_steps=3")
-    ck = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    ck = torch.load(tmp_path / "split" / CHECKPOINT_FILE, weights_only=True)
     assert (ck["step"], ck["epoch"], ck["step_in_epoch"]) == (3, 0, 3)
     _run(tmp_path, "split", f"train.precision={precision}", "model.drop_path=0.1")
     _assert_same(_weights(straight), _weights(tmp_path / "split"))
-    opt_a = torch.load(straight / "checkpoint.pt", weights_only=True)["optimizer"]
-    opt_b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["optimizer"]
+    opt_a = torch.load(straight / CHECKPOINT_FILE, weights_only=True)["optimizer"]
+    opt_b = torch.load(tmp_path / "split" / CHECKPOINT_FILE, weights_only=True)["optimizer"]
     for k in opt_a["state"]:
         assert torch.equal(opt_a["state"][k]["exp_avg"], opt_b["state"][k]["exp_avg"])
 
@@ -69,7 +70,7 @@ def test_resume_after_kill(tmp_path):
            *tiny_overrides(tmp_path, *QUIET, f"train.out_dir={out}", *args)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    ckpt = out / "checkpoint.pt"
+    ckpt = out / CHECKPOINT_FILE
     while time.time() < deadline and proc.poll() is None:
         if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 3:
             break

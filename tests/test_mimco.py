@@ -13,6 +13,7 @@ from torch import Tensor
 
 from cmim.cli import main
 from cmim.config import load_config
+from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 from cmim.core.weights import load_checkpoint
 from cmim.data.augment import ViewMaker, sample_photometric_params
 from cmim.engine.trainer import build_optimizer
@@ -137,15 +138,15 @@ def test_cli_mocov3_then_mimco(tmp_path, capsys):
     common = [*TINY, "train.epochs=1", "monitor.every_epochs=0", "data.synthetic_size=16"]
     assert main(["pretrain", "configs/mocov3_fmnist_cpu.yaml", *common, f"train.out_dir={tmp_path / 'moco'}",
                  "data.img_size=16", "data.in_chans=3"]) == 0
-    moco_ckpt = tmp_path / "moco" / "checkpoint.pt"
+    moco_ckpt = tmp_path / "moco" / CHECKPOINT_FILE
     assert main(["pretrain", "configs/mimco_fmnist_cpu.yaml", *common, f"train.out_dir={tmp_path / 'mimco'}",
                  f"mimco.teacher={moco_ckpt}"]) == 0
     assert "mimco finished 1/1 steps" in capsys.readouterr().out
-    moco, mimco = load_checkpoint(moco_ckpt), load_checkpoint(tmp_path / "mimco" / "checkpoint.pt")
+    moco, mimco = load_checkpoint(moco_ckpt), load_checkpoint(tmp_path / "mimco" / CHECKPOINT_FILE)
     # the teacher in the MimCo checkpoint is stage 1's momentum encoder, untouched by stage 2
     for k, v in moco["model"].items():
         if k.startswith("teacher."):
             assert torch.equal(mimco["model"][f"contrastive_teacher.encoder.{k[len('teacher.'):]}"], v)
     # a MimCo checkpoint is itself a valid teacher: its downstream encoder is the student
-    t = load_teacher(tmp_path / "mimco" / "checkpoint.pt")
+    t = load_teacher(tmp_path / "mimco" / CHECKPOINT_FILE)
     assert "(student)" in t.source and t.projector is None

@@ -7,6 +7,7 @@ import json
 from conftest import TINY
 
 from cmim.cli import main
+from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 
 RECIPES = ["configs/mocov3_fmnist_cpu.yaml", "configs/mimco_fmnist_cpu.yaml"]
 COMMON = [*TINY, "train.epochs=1", "monitor.every_epochs=0", "data.synthetic_size=16"]
@@ -22,7 +23,7 @@ def test_pipeline_runs_and_summarizes(tmp_path, capsys):
     assert set(summary["seconds"]) >= {"stage 1 (mocov3, 1 ep)", "stage 2 (mimco, 1 ep)", "total"}
     assert summary["teacher"]["steps"] == 1 and summary["student"]["steps"] == 1
     assert "| mimco student |" in printed and "| total |" in printed
-    assert (out / "teacher" / "checkpoint.pt").is_file() and (out / "student" / "checkpoint.pt").is_file()
+    assert (out / "teacher" / CHECKPOINT_FILE).is_file() and (out / "student" / CHECKPOINT_FILE).is_file()
     # rerunning resumes: both stages are already complete, so nothing is trained again (options may also
     # come before the overrides, or between them)
     assert main(["pipeline", "--out-dir", str(out), *RECIPES, *COMMON[:3], "--teacher", "train.seed=3",

@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_overrides
 
 from cmim.config import load_config
+from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 from cmim.engine import memory
 from cmim.engine.step import optimizer_update
 from cmim.engine.trainer import Trainer, build_optimizer
@@ -189,7 +190,7 @@ def test_consecutive_nonfinite_steps_stop_with_one_line(tmp_path, nan_steps, one
     out = tmp_path / "run"
     argv = ["pretrain", str(RECIPE), *tiny_overrides(tmp_path, *QUIET, "train.epochs=4", "train.max_nonfinite_steps=3")]
     assert main([*argv, "train.max_steps=4"]) == 0
-    ckpt = out / "checkpoint.pt"
+    ckpt = out / CHECKPOINT_FILE
     sha = _sha(ckpt)
     capsys.readouterr()
     # resume at step 4; steps 6, 7, 8 are NaN; step 8 ends epoch 1, where a checkpoint would be written
@@ -225,7 +226,7 @@ def test_memory_check_refuses_a_batch_before_any_step(tmp_path, monkeypatch, cap
     assert len(err) == 1, err
     assert err[0].startswith("cmim: error: a batch of 16 needs about ") and " MB of CPU RAM (estimate), " in err[0]
     assert err[0].endswith("are available; try train.batch_size=4 or train.accum_steps=4"), err[0]
-    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+    assert not (out / CHECKPOINT_FILE).exists() and not (out / "metrics.jsonl").exists()
     # cmim bench stops the same way, before its matmul peaks and timing
     seen["data_batches"] = 2
     assert main(["bench", *tiny_overrides(tmp_path, "train.batch_size=8"), "--data-items", "0"]) == 2
@@ -242,7 +243,7 @@ def test_memory_probe_changes_nothing(tmp_path, one_thread):
         cfg = load_config(None, tiny_overrides(tmp_path, *QUIET, "method=mocov3", "train.max_steps=2",
                                                f"train.check_memory={check}", f"train.out_dir={out}"))
         Trainer(cfg).train()
-        weights.append(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
+        weights.append(torch.load(out / CHECKPOINT_FILE, weights_only=True)["model"])
     assert _equal(weights[0], weights[1])
 
 

@@ -17,6 +17,7 @@ from conftest import tiny_overrides
 
 from cmim.cli import main
 from cmim.config import load_config
+from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 from cmim.engine.checkpoint import rng_state, set_rng_state
 from cmim.models import MLPHead
 from cmim.models.teachers import load_teacher
@@ -85,14 +86,14 @@ def test_payload_is_refused_by_checkpoint_commands(tmp_path, capsys, command):
 
 def test_payload_is_refused_by_report(tmp_path, capsys):
     run = tmp_path / "run"
-    p = payload(run / "checkpoint.pt", tmp_path / "pwned")
+    p = payload(run / CHECKPOINT_FILE, tmp_path / "pwned")
     assert main(["report", str(run), "data.num_workers=0"]) == 2
     _refused(one_error_line(capsys), p)
     assert not (tmp_path / "pwned").exists()
 
 
 def test_payload_is_refused_at_resume(tmp_path, capsys):
-    p = payload(tmp_path / "run" / "checkpoint.pt", tmp_path / "pwned")
+    p = payload(tmp_path / "run" / CHECKPOINT_FILE, tmp_path / "pwned")
     assert main(["pretrain", CONMIM, *tiny_overrides(tmp_path, *QUIET)]) == 2
     _refused(one_error_line(capsys), p)
     assert not (tmp_path / "pwned").exists()
@@ -105,7 +106,7 @@ def test_payload_is_refused_as_mimco_teacher(tmp_path, capsys, fmt):
                  f"mimco.teacher_format={fmt}", "mimco.teacher_timm_name=vit_tiny_patch16_224"]) == 2
     _refused(one_error_line(capsys), p)
     assert not (tmp_path / "pwned").exists()
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
 
 
 def test_plain_pickle_payload_is_not_run(tmp_path, capsys):
@@ -170,17 +171,17 @@ def _resume_with(ckpt: Path, tmp_path: Path, capsys, edit=None, *extra: str) -> 
     run = tmp_path / "run"
     run.mkdir(parents=True, exist_ok=True)
     if edit is None:
-        shutil.copy(ckpt, run / "checkpoint.pt")
+        shutil.copy(ckpt, run / CHECKPOINT_FILE)
     else:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         edit(state)
-        torch.save(state, run / "checkpoint.pt")
+        torch.save(state, run / CHECKPOINT_FILE)
     assert main(["pretrain", CONMIM, *tiny_overrides(tmp_path, *QUIET, *extra)]) == 2
     return one_error_line(capsys)
 
 
 def test_unusable_checkpoints_at_resume(ckpt, tmp_path, capsys):
-    path = tmp_path / "run" / "checkpoint.pt"
+    path = tmp_path / "run" / CHECKPOINT_FILE
     for case in ("truncated", "random", "model3"):
         src, msg = _broken_files(ckpt, tmp_path / "files")[case]
         line = _resume_with(src, tmp_path, capsys)

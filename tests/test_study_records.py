@@ -20,6 +20,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # the study package
 from study import runner  # noqa: E402
 from study.design import PretrainRow, slug  # noqa: E402
 
+from cmim.core.checkpoint_paths import CHECKPOINT_FILE  # noqa: E402
+
 # the Fashion-MNIST directory the committed records were made with (their commands name it): eval overrides carry
 # it, so their fingerprints do; nothing is read from it
 RECORDED_FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -49,7 +51,7 @@ def fake_run(st, row: str, seed: int, payload: bytes) -> None:
 
     out = st.run_dir(row, seed)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoint.pt").write_bytes(payload)
+    (out / CHECKPOINT_FILE).write_bytes(payload)
     cfg = load_config(st.recipe(row), st.pretrain_overrides(row, seed))
     OmegaConf.save(cfg, out / "config.yaml")
     steps = 10

@@ -11,6 +11,7 @@ from conftest import tiny_overrides
 
 from cmim.cli import main
 from cmim.config import load_config
+from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 from cmim.eval.loading import load_source
 from cmim.train import pretrain
 from cmim.viz.maps import cls_attention, patch_similarity
@@ -36,7 +37,7 @@ def _is_png(path: Path) -> bool:
 
 def test_viz_commands_write_pngs(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CMIM_CACHE", str(tmp_path / "cache"))
-    ckpt = str(run_dir / "checkpoint.pt")
+    ckpt = str(run_dir / CHECKPOINT_FILE)
     cmds = {
         "tsne": ["viz", "tsne", ckpt, f"{ckpt}@student", "--random-init", "--points", "48", "test_subset=48",
                  "train_subset=48", "linear.epochs=5", *DATA],
@@ -53,7 +54,7 @@ def test_viz_commands_write_pngs(run_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_maps_are_well_formed(run_dir):
-    src = load_source(run_dir / "checkpoint.pt")
+    src = load_source(run_dir / CHECKPOINT_FILE)
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     sim = patch_similarity(src, images, [0.5] * 3, [0.25] * 3, [(0, 0), (2, 1)])
     assert sim.shape == (2, 2, 4, 4)
@@ -65,7 +66,7 @@ def test_maps_are_well_formed(run_dir):
 
 
 def test_bad_query_and_missing_metrics_are_one_line(run_dir, tmp_path, capsys):
-    assert main(["viz", "patches", str(run_dir / "checkpoint.pt"), "--query", "9,9", *DATA]) == 2
+    assert main(["viz", "patches", str(run_dir / CHECKPOINT_FILE), "--query", "9,9", *DATA]) == 2
     err = capsys.readouterr().err.strip()
     assert "--query" in err and "\n" not in err
     assert main(["viz", "curves", str(tmp_path)]) == 2
@@ -75,7 +76,7 @@ def test_bad_query_and_missing_metrics_are_one_line(run_dir, tmp_path, capsys):
 
 def test_report_embeds_pictures(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CMIM_CACHE", str(tmp_path / "cache"))
-    assert main(["eval", "knn", str(run_dir / "checkpoint.pt"), *DATA]) == 0
+    assert main(["eval", "knn", str(run_dir / CHECKPOINT_FILE), *DATA]) == 0
     out = tmp_path / "report.html"
     assert main(["report", str(run_dir), "--out", str(out), *DATA, "linear.epochs=5"]) == 0
     page = out.read_text()

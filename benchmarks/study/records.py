@@ -21,10 +21,11 @@ from cmim.core.io import atomic_write_text
 
 from .design import slug
 
-# config keys that are not part of what a pre-training run learns: logging, resuming, loader workers, the host
-# allocator; and BatchNorm sync across processes, which does nothing in the study's one-process runs
-RUN_IGNORE = ("monitor.", "train.progress", "train.tensorboard", "train.resume", "data.num_workers", "train.sync_bn",
-              "train.keep_freed_memory")
+# config keys that are not part of what a pre-training run learns: logging, resuming, checkpoint format and
+# retention, loader workers, the host allocator; and BatchNorm sync across processes, which does nothing in the
+# study's one-process runs
+RUN_IGNORE = ("monitor.", "train.progress", "train.tensorboard", "train.resume", "train.checkpoint_format",
+              "train.keep_checkpoints", "data.num_workers", "train.sync_bn", "train.keep_freed_memory")
 # ... and the paths, which differ between machines and work dirs (the teacher is identified by its sha256, the
 # folder by the list of its files, the decoded-image cache by content)
 RUN_PATHS = ("train.out_dir", "data.root", "mimco.teacher", "data.cache_dir")

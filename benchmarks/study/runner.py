@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 from cmim.eval.loading import sha256_file
 
 from . import choice
@@ -205,7 +206,7 @@ class Study:
         ov = [f"train.seed={seed}", f"train.out_dir={self.run_dir(row, seed)}", *self.data_overrides(seed),
               *PRETRAIN_COMMON, *(self.design.quick_pretrain if self.quick else ()), *p.extra]
         if p.teacher is not None:
-            ov.append(f"mimco.teacher={self.run_dir(p.teacher, seed) / 'checkpoint.pt'}")
+            ov.append(f"mimco.teacher={self.run_dir(p.teacher, seed) / CHECKPOINT_FILE}")
         return ov
 
     def config_diff(self, row: str, seed: int) -> list[str]:
@@ -296,7 +297,7 @@ class Study:
     def finished(self, row: str, seed: int) -> dict[str, Any] | None:
         out = self.run_dir(row, seed)
         s = read_json(out / "summary.json")
-        if s and s.get("steps") == s.get("total_steps") and (out / "checkpoint.pt").is_file():
+        if s and s.get("steps") == s.get("total_steps") and (out / CHECKPOINT_FILE).is_file():
             return s
         return None
 
@@ -313,7 +314,7 @@ class Study:
             return
         cmd = [sys.executable, "-m", "cmim.cli", "pretrain", str(self.recipe(row)), *self.pretrain_overrides(row, seed)]
         out.mkdir(parents=True, exist_ok=True)
-        resumed = (out / "checkpoint.pt").is_file()
+        resumed = (out / CHECKPOINT_FILE).is_file()
         self.log(f"seed {seed} {row}: pre-training{' (resuming)' if resumed else ''}; log {rel(out / 'pretrain.log')}")
         self.log("$ " + " ".join(cmd))
         t0 = time.perf_counter()
@@ -379,7 +380,7 @@ class Study:
         return {"seconds": total, "img_per_s": prev * bs / total, "source": "metrics.jsonl"}
 
     def checkpoint_sha(self, row: str, seed: int) -> str:
-        return sha256_file(self.run_dir(row, seed) / "checkpoint.pt")  # memoized by path, size and mtime
+        return sha256_file(self.run_dir(row, seed) / CHECKPOINT_FILE)  # memoized by path, size and mtime
 
     # --- evaluation ------------------------------------------------------------------------------------------
     def _base_overrides(self, name: str, seed: int | str) -> list[str]:
@@ -394,7 +395,7 @@ class Study:
         spec = Spec(protocol, CONFIGS / recipe, ov, row.kind, raw_pixels=row.kind == "pixels", ready=ready)
         if row.kind == "pretrained":
             assert row.pretrain_row is not None
-            spec.path = self.run_dir(row.pretrain_row, seed) / "checkpoint.pt"
+            spec.path = self.run_dir(row.pretrain_row, seed) / CHECKPOINT_FILE
         elif row.kind in ("random", "scratch"):
             assert row.pretrain_row is not None
             spec.arch = self.recipe(row.pretrain_row)

@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cmim.core.checkpoint_paths import CheckpointFormat
 from cmim.core.distributed import DeviceChoice
 from cmim.core.errors import ConfigError, require
 from cmim.core.precision import Precision
@@ -92,8 +93,13 @@ class TrainConfig:
     device: DeviceChoice = DeviceChoice.auto  # auto | cpu | cuda
     seed: int = 0
     out_dir: str = "runs/conmim"
-    resume: str | None = "auto"  # "auto": out_dir/checkpoint.pt when present; a path; or null
+    # "auto": the run's newest checkpoint when there is one (cmim.engine.checkpoint.checkpointer); a checkpoint
+    # file, DCP step folder or run folder; or null
+    resume: str | None = "auto"
     ckpt_every_steps: int = 0  # 0: only at epoch ends
+    # file: out_dir/checkpoint.pt, full state | dcp: sharded step folders, written by every process
+    checkpoint_format: CheckpointFormat = CheckpointFormat.file
+    keep_checkpoints: int = 1  # the last N; an old one is deleted only once a newer one is complete
     log_every_steps: int = 20
     max_steps: int | None = None  # stop early (schedules still span all epochs): smoke runs and tests
     # A step whose loss or gradient norm is NaN/inf is skipped (weights, AdamW state and EMA teachers stay as
@@ -121,8 +127,9 @@ def validate_train(t: DictConfig) -> None:
     require(t.max_steps is None or t.max_steps > 0, "train.max_steps: must be positive or null")
     require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
     require(t.ckpt_every_steps >= 0 and t.log_every_steps > 0, "train.ckpt_every_steps/log_every_steps: invalid")
+    require(t.keep_checkpoints >= 1, f"train.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
     if t.resume not in (None, "auto"):
-        require(Path(t.resume).is_file(), f"train.resume: checkpoint not found: {t.resume}")
+        require(Path(t.resume).exists(), f"train.resume: checkpoint not found: {t.resume}")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from cmim.config import ConfigError, load_config
+from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 from cmim.core.distributed import cleanup, resolve_device
 from cmim.core.io import atomic_write_text
 from cmim.core.knn import knn_accuracy
@@ -89,7 +90,7 @@ def parse_rest(args: argparse.Namespace) -> argparse.Namespace:
 def load_stage_configs(args: argparse.Namespace) -> tuple[DictConfig, DictConfig, Path]:
     """Validate both recipes before any work; returns (teacher cfg, student cfg, teacher checkpoint path)."""
     out = Path(args.out_dir)
-    teacher_ckpt = out / "teacher" / "checkpoint.pt"
+    teacher_ckpt = out / "teacher" / CHECKPOINT_FILE
     # the pipeline measures the random-init encoder itself: the stages skip their own at-start k-NN
     first = ["monitor.at_start=false"]
     cfg1 = load_config(args.teacher_config, [*first, *args.overrides, *args.teacher_overrides,

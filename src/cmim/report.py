@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cmim.config import ConfigError
+from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 from cmim.core.errors import CheckpointError, UnsafeCheckpointError
 from cmim.core.io import atomic_write_text
 
@@ -27,7 +28,6 @@ __all__ = ["add_parser", "draw_pictures", "write_report"]
 
 log = logging.getLogger("cmim")
 
-CHECKPOINT_NAME = "checkpoint.pt"
 _PICTURE_ORDER = ("curves", "tsne", "patches", "attention")
 
 _CSS = """
@@ -53,11 +53,12 @@ def draw_pictures(run_dir: Path, refresh: bool = False, overrides: list[str] | N
             plot_curves([run_dir], viz / "curves.png", [run_dir.name])
         except (FileNotFoundError, ValueError) as e:
             notes.append(f"training curves skipped: {e}")
-    ckpt = run_dir / CHECKPOINT_NAME
+    ckpt = run_dir / CHECKPOINT_FILE
     wanted = [n for n in ("tsne", "patches", "attention") if refresh or not (viz / f"{n}.png").is_file()]
     if not ckpt.is_file() or not wanted:
         if not ckpt.is_file():
-            notes.append(f"no {CHECKPOINT_NAME} in {run_dir}: encoder pictures not drawn")
+            notes.append(f"no {CHECKPOINT_FILE} in {run_dir}: encoder pictures not drawn (a DCP run: "
+                         "`cmim checkpoint consolidate`)")
         return notes
     try:
         from cmim.eval.datasets import eval_dataset
@@ -233,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("report", help="one self-contained HTML page for a run",
                               description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", help="run folder (config.yaml, metrics.jsonl, checkpoint.pt, eval/, viz/)")
+    p.add_argument("run_dir", help=f"run folder (config.yaml, metrics.jsonl, {CHECKPOINT_FILE}, eval/, viz/)")
     p.add_argument("overrides", nargs="*", help="key=value eval-config overrides for drawn pictures")
     p.add_argument("--out", help="HTML path (default: RUN_DIR/report.html)")
     p.add_argument("--no-pictures", action="store_true", help="only embed pictures already in RUN_DIR/viz")

@@ -99,5 +99,11 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
+    """Leave the process group together: a process that tears gloo down while a peer is still sending to it can
+    abort on exit ("terminate called without an active exception"), so all meet at a barrier first."""
     if is_dist():
+        try:
+            dist.barrier()
+        except (RuntimeError, ValueError):  # a peer is already gone (an error path): nothing left to wait for
+            pass
         dist.destroy_process_group()

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,6 @@ from cmim.core.errors import CheckpointError, UnsafeCheckpointError, first_line
 __all__ = ["LEGACY_HINT", "EncoderWeights", "check_state_dict", "is_int", "is_safetensors", "load_checkpoint",
            "read_encoder_weights", "read_safetensors_meta", "read_weights"]
 
-_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
-# what torch's weights-only unpickler says when a file asks for more than tensors and plain values
-_UNSAFE_MARKS = ("GLOBAL ", "call reduce for unrecognized function", "Can only create new object",
-                 "Can only build ")
 LEGACY_HINT = ("a cmim checkpoint written before weights-only loading must be re-created, or converted by "
                "someone who trusts the file")
 
@@ -43,6 +39,17 @@ def _unpickler_reason(message: str) -> str:
             return rest or (lines[i + 1] if i + 1 < len(lines) else "unreadable pickle")
     useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
     return useful[0] if useful else "unreadable pickle"
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The Python globals a ``torch.save`` file references beyond what weights-only loading builds (torch's own
+    list, read without unpickling); [] for any other file, which ``torch.load(weights_only=True)`` then judges."""
+    if not zipfile.is_zipfile(path):
+        return []
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - a torn archive: torch.load says what is wrong with it
+        return []
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -82,19 +89,19 @@ def read_weights(path: str | os.PathLike, what: str = "checkpoint") -> Any:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any failure means an unusable file
             raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {first_line(e)}") from None
+    unsafe = _unsafe_globals(path)
+    if unsafe:
+        more = ", ..." if len(unsafe) > 3 else ""
+        raise UnsafeCheckpointError(f"{path}: refused: the file needs full unpickling (it references "
+                                    f"{', '.join(unsafe[:3])}{more}), which can run code; cmim loads weights only "
+                                    f"({LEGACY_HINT})")
     try:
         with warnings.catch_warnings():  # a non-torch pickle must fail with one line, not a warning first
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if any(m in msg for m in _UNSAFE_MARKS):
-            found = _GLOBAL.search(msg)
-            ref = f" (it references {found.group(1)})" if found else ""
-            raise UnsafeCheckpointError(f"{path}: refused: the file needs full unpickling{ref}, which can run "
-                                        f"code; cmim loads weights only ({LEGACY_HINT})") from None
+    except pickle.UnpicklingError as e:  # what the weights-only unpickler would not build, in any other file
         raise CheckpointError(f"cannot read {what} {path}: not a PyTorch weights file "
-                              f"({_unpickler_reason(msg)[:200]})") from None
+                              f"({_unpickler_reason(str(e))[:200]})") from None
     except EOFError:
         raise CheckpointError(f"cannot read {what} {path}: empty or truncated file") from None
     except Exception as e:  # noqa: BLE001 - any other failure (torn zip, bad magic number, I/O) is unusable

@@ -35,18 +35,17 @@ from tqdm import tqdm
 
 from cmim.config import to_yaml
 from cmim.core.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
-from cmim.core.errors import CheckpointError, TrainingError, first_line, load_error_detail
+from cmim.core.errors import TrainingError
 from cmim.core.host_memory import keep_freed_memory
-from cmim.core.io import atomic_torch_save, atomic_write_text
+from cmim.core.io import atomic_write_text
 from cmim.core.schedules import cosine_schedule, scaled_lr
-from cmim.core.weights import load_checkpoint
 from cmim.data.augment import ViewMaker
 from cmim.data.decode import DeviceDecoder, collate_pretrain
 from cmim.data.skips import all_reduce_skips, read_skip_list, skip_report, write_skip_list
 from cmim.data.stats import resolve_auto_stats
 from cmim.data.views import build_pretrain_dataset
 from cmim.engine.callbacks import Callback
-from cmim.engine.checkpoint import check_resumable, rng_state, set_rng_state
+from cmim.engine.checkpoint import Checkpointer, RunState, run_state
 from cmim.engine.logger import MetricsLogger
 from cmim.engine.memory import check_batch_fits, out_of_memory_error
 from cmim.engine.sampler import GlobalBatchSampler
@@ -55,8 +54,6 @@ from cmim.methods import Method, build_method, method_spec
 from cmim.models.sync_bn import convert_global_batchnorm
 
 log = logging.getLogger("cmim")
-
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def peak_lr(cfg: DictConfig) -> float:
@@ -179,55 +176,36 @@ class Trainer:
         self.step_in_epoch = 0
         self.nonfinite_steps = 0  # steps skipped because their loss or gradient norm was NaN/inf (whole run)
         self.logger = MetricsLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=t.tensorboard)
+        self.checkpointer = Checkpointer(self.out_dir, t.checkpoint_format, t.keep_checkpoints, self.dist)
 
     # --- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's part of a checkpoint: its position (step, epoch, batch in the epoch: the data and schedule
+        position), the run it belongs to, and the skipped-step count."""
+        return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "total_steps": self.total_steps, "world_size": self.dist.world_size,
+                "config": to_yaml(self.cfg), "method": self.cfg.method, "encoder": encoder_meta(self.method),
+                "nonfinite_steps": self.nonfinite_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+
+    def run_state(self, full: bool) -> RunState:
+        """Everything a checkpoint holds (``full``: gathered for the single file; else sharded for DCP)."""
+        return run_state(self, self.method, self.optimizer, self.callbacks, full)
+
     def checkpoint_path(self) -> Path:
-        return self.out_dir / CHECKPOINT_NAME
+        return self.checkpointer.default_path()
 
     def save_checkpoint(self) -> None:
-        if not self.dist.is_main:
-            return
-        state = {
-            "model": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "total_steps": self.total_steps, "world_size": self.dist.world_size,
-            "rng": rng_state(), "config": to_yaml(self.cfg), "method": self.cfg.method,
-            "encoder": encoder_meta(self.method), "nonfinite_steps": self.nonfinite_steps,
-        }
-        for cb in self.callbacks:
-            state.update(cb.state_dict())
-        atomic_torch_save(state, self.checkpoint_path())
+        self.checkpointer.save(self.run_state, self.step)  # every process: sharded state is gathered or written
 
     def maybe_resume(self) -> bool:
-        r = self.cfg.train.resume
-        path = self.checkpoint_path() if r == "auto" else (Path(r) if r else None)
-        if path is None or not path.is_file():
+        path = self.checkpointer.resume_path(self.cfg.train.resume)
+        if path is None:
             return False
-        ckpt = load_checkpoint(path)
-        if ckpt.get("method") != self.cfg.method:
-            raise CheckpointError(f"{path} was written by method {ckpt.get('method')!r}, not {self.cfg.method!r}")
-        if ckpt.get("total_steps") != self.total_steps:
-            raise CheckpointError(f"{path} was made for a {ckpt.get('total_steps')}-step run, this one has "
-                                  f"{self.total_steps} (epochs, batch size or dataset changed)")
-        check_resumable(ckpt, path)  # every entry restored below is present and well-typed
-        for cb in self.callbacks:  # first: a callback that refuses its state leaves the run untouched
-            try:
-                cb.load_state_dict(ckpt)
-            except CheckpointError as e:
-                raise CheckpointError(f"{path}: {e}") from None
-        try:
-            self.method.load_state_dict(ckpt["model"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path} does not fit this model configuration: {load_error_detail(e)}") from None
-        try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer: "
-                                  f"{first_line(e, 300)}") from None
-        self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
-        self.nonfinite_steps = int(ckpt.get("nonfinite_steps", 0))
-        set_rng_state(ckpt["rng"])
+        self.checkpointer.restore(self.run_state, path)
         if self.dist.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
                      self.step_in_epoch)

@@ -1,26 +1,22 @@
-"""What a training checkpoint holds beyond weights: every RNG state, as tensors and plain Python values, and
-the checks that a checkpoint can resume this run.
+"""Every RNG state the run draws from, as tensors and plain Python values, and its checkpoint part.
 
-Checkpoints are written atomically (:func:`cmim.core.io.atomic_torch_save`) and only ever read weights-only
-(:func:`cmim.core.weights.read_weights`): a pickle can run any code while it is unpickled, so a file that
-needs more than tensors and plain Python values is refused, never "retried" with full unpickling. That is
-why the RNG states are stored as tensors and plain types (no NumPy arrays).
+Checkpoints are only ever read weights-only (:func:`cmim.core.weights.read_weights`, and DCP through
+:mod:`cmim.engine.checkpoint.dcp`): a pickle can run any code while it is unpickled, so a file that needs more
+than tensors and plain Python values is refused, never "retried" with full unpickling. That is why the RNG
+states are stored as tensors and plain types (no NumPy arrays).
 """
 
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from cmim.core.errors import CheckpointError, first_line
-from cmim.core.weights import is_int
 
-__all__ = ["check_resumable", "parse_rng_state", "rng_state", "set_rng_state"]
+__all__ = ["RNGState", "parse_rng_state", "rng_state", "set_rng_state"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -86,20 +82,20 @@ def set_rng_state(state: Any) -> None:
         raise CheckpointError(f"the checkpoint's RNG state cannot be restored: {first_line(e)}") from None
 
 
-def check_resumable(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
-    """Everything ``Trainer.maybe_resume`` restores must be present and well-typed before it touches the run."""
-    path = Path(path)
-    for key in ("optimizer", "step", "epoch", "step_in_epoch", "rng"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path} cannot be resumed: it has no '{key}' entry")
-    for key in ("step", "epoch", "step_in_epoch"):
-        if not is_int(ckpt[key]) or ckpt[key] < 0:
-            raise CheckpointError(f"{path} cannot be resumed: '{key}' is {ckpt[key]!r}, not a count")
-    opt = ckpt["optimizer"]
-    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) \
-            or not isinstance(opt.get("param_groups"), list):
-        raise CheckpointError(f"{path} cannot be resumed: 'optimizer' is not an optimizer state dict")
-    try:
-        parse_rng_state(ckpt["rng"])
-    except CheckpointError as e:
-        raise CheckpointError(f"{path} cannot be resumed: {e}") from None
+class RNGState:
+    """The ``rng`` entry: this process's RNG states (rank 0's is saved; every process restores it, as each step
+    re-seeds torch per process anyway, :func:`cmim.engine.step.model_seed`)."""
+
+    entries = ("rng",)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_state()}
+
+    def check(self, ckpt: dict[str, Any]) -> None:
+        try:
+            parse_rng_state(ckpt["rng"])
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot be resumed: {e}") from None
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        set_rng_state(ckpt["rng"])
