@@ -24,7 +24,7 @@ from cmim.data.stats import resolve_auto_stats
 from cmim.eval.baselines import pixel_source, recipe_source
 from cmim.eval.config import load_eval_config
 from cmim.eval.datasets import label_subset, num_classes_of
-from cmim.eval.features import SKIPPED, cached_features
+from cmim.eval.feature_cache import SKIPPED, cached_features
 from cmim.eval.linear import linear_on_features, linear_reference
 from cmim.eval.loading import EncoderSource, load_source, random_init_like
 

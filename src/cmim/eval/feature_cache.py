@@ -25,7 +25,7 @@ from cmim.core.weights import read_weights
 from cmim.data.datasets import skipped_files
 from cmim.engine.memory import host_available_bytes
 from cmim.eval.datasets import check_data_fits, eval_dataset, split_name
-from cmim.eval.knn import extract_features, pixel_features
+from cmim.eval.extract import extract_features, pixel_features
 from cmim.eval.loading import EncoderSource
 
 __all__ = ["SKIPPED", "cache_dir", "cached_features"]
