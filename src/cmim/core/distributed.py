@@ -29,6 +29,9 @@ class DistInfo:
         return self.group
 
 
+DEVICES = ("auto", "cpu", "cuda")  # what a config's device may say (resolve_device)
+
+
 def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
     """"auto" | "cpu" | "cuda" -> the device (cuda: this process's GPU, made current); ``key`` names the
     config value in the one-line error when CUDA is asked for and absent."""

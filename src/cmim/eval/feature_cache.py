@@ -78,13 +78,13 @@ def cached_features(src: EncoderSource, cfg: DictConfig, part: str, feature: str
                     use_cache: bool = True) -> tuple[Tensor, Tensor, bool]:
     """(features float32 (N, D), labels (N,), was_cached) of the ``part`` split for ``src``'s encoder."""
     feature = feature or cfg.feature
-    key = _key(src, cfg, part, feature)
+    key = json.loads(json.dumps(_key(src, cfg, part, feature)))  # plain values (enums as strings): read weights-only
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir(cfg) / f"{src.tag}-{feature}-{key['split']}-{digest}.pt"
     if use_cache and path.is_file():
         try:
             blob = read_weights(path, what="feature cache")
-            if blob.get("key") == json.loads(json.dumps(key)):
+            if blob.get("key") == key:
                 SKIPPED[key["split"]] = list(blob.get("skipped", []))
                 return blob["features"], blob["labels"], True
         except Exception as e:  # noqa: BLE001 - a broken cache file is recomputed
@@ -108,6 +108,6 @@ def cached_features(src: EncoderSource, cfg: DictConfig, part: str, feature: str
                     len(skipped), key["split"])
     if use_cache:
         atomic_torch_save({"features": feats, "labels": labels, "key": key, "skipped": skipped,
-                           "config": OmegaConf.to_container(cfg.data, resolve=True)}, path)
+                           "config": OmegaConf.to_container(cfg.data, resolve=True, enum_to_str=True)}, path)
     return feats, labels, False
 

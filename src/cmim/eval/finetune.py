@@ -52,7 +52,7 @@ def build_finetune_model(src: EncoderSource, ft: Any, num_classes: int) -> nn.Mo
     the recipe's head norm and relative position tables (``finetune.head_norm``, ``finetune.rel_pos_bias``; see
     :mod:`cmim.eval.timm_model`)."""
     return build_timm_model(src, pretrained=True, head_norm=str(ft.head_norm),
-                            rel_pos_bias=str(ft.rel_pos_bias), num_classes=num_classes, global_pool=ft.pool,
+                            rel_pos_bias=str(ft.rel_pos_bias), num_classes=num_classes, global_pool=str(ft.pool),
                             drop_path_rate=float(ft.drop_path))
 
 

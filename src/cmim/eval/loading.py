@@ -92,7 +92,7 @@ def encoder_prefix(state_dict: dict[str, Any], method: str | None, which: str) -
 
 
 def _data_summary(data: Any) -> dict[str, Any]:
-    d = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
+    d = OmegaConf.to_container(data, resolve=True, enum_to_str=True) if isinstance(data, DictConfig) else dict(data)
     return dict(d)  # type: ignore[arg-type]
 
 
@@ -176,6 +176,7 @@ def load_source(path: str | os.PathLike, which: str = "teacher") -> EncoderSourc
     written by ``cmim export --format hub`` (its ``model.safetensors`` carries the same description)."""
     if which not in ENCODER_ROLES:
         raise ConfigError(f"encoder: must be {' or '.join(ENCODER_ROLES)}, got {which!r}")
+    which = str(which)  # a config's enum member: its plain name from here on
     p = Path(path)
     if p.is_dir():
         if not (p / HUB_WEIGHTS).is_file():
