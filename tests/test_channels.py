@@ -35,7 +35,9 @@ from cmim.data import (
     load_pixels,
     sample_photometric_params,
 )
-from cmim.data.datasets import _high_bit_depth_to_l, load_image
+from cmim.data.base import BitDepth
+from cmim.data.images import _high_bit_depth_to_l
+from cmim.data.pixels import load_image
 from cmim.data.stats import estimate_mean_std, resolve_auto_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -233,7 +235,7 @@ def test_float_path_on_8bit_data_equals_uint8_divided() -> None:
     """bit_depth=full on 8-bit data: the eval images are the uint8 ones / 255 (no resampling at the native size)."""
     cfg = DataCfg(name="synthetic", in_chans=1, mean=[0.5], std=[0.25], synthetic_size=8)
     u8 = build_eval_dataset(cfg, "test")
-    cfg.bit_depth = "full"
+    cfg.bit_depth = BitDepth.full
     f32 = build_eval_dataset(cfg, "test")
     assert f32[3]["image"].dtype == torch.float32
     assert torch.equal(f32[3]["image"], u8[3]["image"].float() / 255)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cmim.config import ConfigError, load_config
+from cmim.config import ConfigError, from_yaml_string, load_config, to_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["data.name=synthetic", "data.img_size=32", "model.patch_size=16"]
@@ -30,6 +30,43 @@ def test_bad_values(override, needle):
         load_config(None, BASE + extra + [override])
     msg = str(e.value)
     assert needle in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("data.decode=gpu", "[cpu, device]"),
+    ("data.bit_depth=16", "[auto, 8, full]"),
+    ("data.interpolation=nearest", "[bicubic, bilinear]"),
+    ("mask.kind=grid", "[block, random]"),
+    ("model.size=huge", "[tiny, small, base, large]"),
+    ("model.global_pool=max", "[avg, token]"),
+    ("train.device=tpu", "[auto, cpu, cuda]"),
+    ("monitor.encoder=ema", "[teacher, student]"),
+])
+def test_closed_choices_are_refused_at_merge_in_one_line(override, allowed):
+    """A closed choice is an enum field: OmegaConf refuses another value while merging, before validate runs, and
+    the line names the key and the allowed values."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, BASE + [override])
+    msg = str(e.value)
+    assert msg.startswith(override.split("=")[0] + ":") and allowed in msg and "\n" not in msg
+
+
+def test_choices_read_as_written_and_saved_as_strings():
+    """``data.bit_depth=8`` (an integer to YAML) is the choice "8"; members compare equal to their strings, and
+    the saved YAML holds the plain strings."""
+    cfg = load_config(None, BASE + ["data.bit_depth=8", "train.precision=fp32", "model.size=tiny"])
+    assert cfg.data.bit_depth == "8" and cfg.train.precision == "fp32" and cfg.model.size == "tiny"
+    text = to_yaml(cfg)
+    assert "bit_depth: '8'" in text and "precision: fp32" in text and "size: tiny" in text
+    assert to_yaml(from_yaml_string(text)) == text
+
+
+@pytest.mark.parametrize("feature", ["grid0", "grid", "gridx", "max"])
+def test_monitor_feature_follows_the_pooling_rule(feature):
+    """monitor.feature takes what the encoder can pool (is_pooled_feature): grid0 has no cells."""
+    with pytest.raises(ConfigError, match="monitor.feature"):
+        load_config(None, BASE + [f"monitor.feature={feature}"])
+    assert load_config(None, BASE + ["monitor.feature=grid2"]).monitor.feature == "grid2"
 
 
 def test_missing_paths(tmp_path):

@@ -22,14 +22,12 @@ from torch.utils.data import DataLoader
 from cmim.cli import main
 from cmim.config import ConfigError, DataConfig, load_config
 from cmim.data import EvalDataset, build_base_dataset
-from cmim.data.datasets import (
-    ImageFolderDataset,
-    SubsetDataset,
-    convert_mode,
-    held_out_mask,
-    load_image,
-    skip_report,
-)
+from cmim.data.folder import ImageFolderDataset
+from cmim.data.images import convert_mode
+from cmim.data.pixels import load_image
+from cmim.data.skips import skip_report
+from cmim.data.splits import held_out_mask
+from cmim.data.subset import SubsetDataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,7 +130,7 @@ def test_messy_folder_with_workers_counts_exactly_the_bad_files(tmp_path: Path) 
     write_messy_folder(root)
     log_file = tmp_path / "warnings.log"
     handler = logging.FileHandler(log_file)  # forked workers inherit it: their warnings land here too
-    logger = logging.getLogger("cmim.data.datasets")
+    logger = logging.getLogger("cmim.data.folder")
     logger.addHandler(handler)
     try:
         base = build_base_dataset(folder_cfg(root), "")

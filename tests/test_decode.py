@@ -15,7 +15,10 @@ from torch.utils.data import DataLoader
 
 from cmim.cli import main
 from cmim.config import ConfigError, load_config
+from cmim.data.base import DecodeMode, EncodedJpeg
 from cmim.data.decode import DeviceDecoder, collate_pretrain
+from cmim.data.factory import build_base_dataset
+from cmim.data.folder import ImageFolderDataset
 from cmim.data.views import build_pretrain_dataset, random_resized_crop_params
 from cmim.methods import build_method
 
@@ -50,7 +53,7 @@ def _datasets(root: Path, *extra: str):
     cfg = _cfg(root, "data.decode=device", *extra)
     spec = build_method(cfg).view_spec()
     device = build_pretrain_dataset(cfg.data, "train", spec, seed=3)
-    cfg.data.decode = "cpu"
+    cfg.data.decode = DecodeMode.cpu
     cpu = build_pretrain_dataset(cfg.data, "train", spec, seed=3)
     return cfg, device, cpu
 
@@ -125,6 +128,25 @@ def test_broken_jpeg_is_skipped_in_the_worker_and_a_device_failure_redone_on_cpu
     crops = decoder(batch)
     assert decoder.num_fallbacks == 1
     assert torch.equal(crops[first], dev_set.decoded_item(int(batch["index"][first]))["crops"])
+
+
+def test_decode_mode_is_fixed_at_construction(tmp_path: Path) -> None:
+    """data.decode=device is given to the folder when it is built: a dataset built later over the same folder (the
+    evaluation's) decodes, and the CPU fallback of one item leaves the device dataset handing out JPEG bytes."""
+    root = tmp_path / "jpegs"
+    write_jpeg_folder(root)
+    cfg, dev_set, _ = _datasets(root)
+    assert isinstance(dev_set.base[0][0], EncodedJpeg)
+    evals = build_base_dataset(cfg.data, "train")  # cfg.data.decode is device; evaluations decode on the CPU
+    assert isinstance(evals[0][0], Image.Image)
+    assert dev_set.decoded_item(0)["crops"].dtype == torch.uint8  # decoded on the CPU ...
+    assert isinstance(dev_set.base[0][0], EncodedJpeg)  # ... without switching the dataset it came from
+    assert "jpeg" in dev_set[0] and "crops" not in dev_set[0]
+    folder = ImageFolderDataset(root / "train", 3, decode_mode="device")
+    twin = folder.decoding_on_cpu()  # a new dataset over the same files and skip record
+    assert twin is not folder and twin.skip_flags is folder.skip_flags and folder.decoding_on_cpu() is not twin
+    assert isinstance(folder[1][0], EncodedJpeg) and isinstance(twin[1][0], Image.Image)
+    assert twin.decoding_on_cpu() is twin
 
 
 def test_config_refuses_device_decode_without_files(tmp_path: Path) -> None:

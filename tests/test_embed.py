@@ -18,7 +18,7 @@ from torchvision.transforms import InterpolationMode
 
 from cmim.cli import main
 from cmim.config import load_config
-from cmim.data.datasets import load_image
+from cmim.data.pixels import load_image
 from cmim.eval import embed as embed_mod
 from cmim.eval.embed import embed, read_embeddings
 from cmim.eval.extract import extract_features

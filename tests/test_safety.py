@@ -242,7 +242,7 @@ def test_official_mocov3_release_loads_weights_only(tmp_path):
 
 def test_cifar_batch_with_a_payload_is_refused(tmp_path):
     """CIFAR's python batches are pickles: only arrays and containers are unpickled, anything else refused."""
-    from cmim.data.datasets import CIFAR
+    from cmim.data.arrays import CIFAR
 
     for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch", "batches.meta"]:
         with open(tmp_path / name, "wb") as f:

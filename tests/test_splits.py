@@ -13,7 +13,8 @@ from PIL import Image, UnidentifiedImageError
 
 from cmim.config import DataConfig
 from cmim.data.cache import DecodedCache, content_key, shrink
-from cmim.data.datasets import build_base_dataset, load_image
+from cmim.data.factory import build_base_dataset
+from cmim.data.pixels import load_image
 from cmim.data.splits import held_out_mask, twin_groups, unit_hash
 
 
@@ -78,7 +79,7 @@ def _names(ds) -> list[str]:
 def test_folder_split_keeps_twins_on_one_side(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "imgs"
     _clip_folder(root)
-    with caplog.at_level(logging.INFO, logger="cmim.data.datasets"):
+    with caplog.at_level(logging.INFO, logger="cmim.data.splits"):
         train = build_base_dataset(_cfg(root, tmp_path), "train")
     val = build_base_dataset(_cfg(root, tmp_path), "val")
     assert "24 have near-duplicates, in 12 groups kept on one side" in caplog.text

@@ -231,7 +231,7 @@ def test_feature_choice_on_a_validation_part_of_the_training_part(tmp_path, monk
     import numpy as np
     from study import choice
 
-    from cmim.data.datasets import folder_parts
+    from cmim.data.folder import folder_parts
     from cmim.eval.datasets import eval_dataset
     from cmim.eval.run import open_source
 

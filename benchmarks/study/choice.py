@@ -22,7 +22,7 @@ def validation_mask(cfg: DictConfig, labels: np.ndarray, seed: int) -> np.ndarra
     """Which items of the eval train split (``train_subset`` applied) are the validation part. A folder's files
     are drawn by their paths and grouped with their near-duplicates (as ``data.split_twins`` groups them);
     items of an in-memory dataset (Fashion-MNIST) by their index, each alone."""
-    from cmim.data.datasets import folder_parts
+    from cmim.data.folder import folder_parts
     from cmim.data.splits import held_out_mask, twin_groups
     from cmim.eval.datasets import eval_dataset
 

@@ -147,7 +147,7 @@ def count_step_flops(step: Callable[[], None]) -> dict[str, int]:
 
 def synthetic_batches(cfg: DictConfig, method: Any, batch: int, count: int) -> list[dict[str, Tensor]]:
     """``count`` collated pre-training batches of procedural images, built by the recipe's own views."""
-    from cmim.data.datasets import SyntheticDataset
+    from cmim.data.synthetic import SyntheticDataset
     from cmim.data.views import PretrainDataset
 
     d = cfg.data
@@ -243,7 +243,7 @@ def _jpeg_folder(root: Path, count: int, in_chans: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from cmim.data.datasets import SyntheticDataset
+    from cmim.data.synthetic import SyntheticDataset
 
     synth = SyntheticDataset(count, 4, 500, 3, seed=1)
     for i in range(count):
@@ -262,7 +262,10 @@ def data_pipeline(cfg: DictConfig, spec: Any, items: int, source: str,
     parameters of every view and the mask. ``source``: the recipe's dataset, JPEG files, or procedural. With
     ``decode="device"`` (default: ``data.decode``) on files, the per-core rate is the workers' share (read the
     bytes, draw the crops), and ``device_decode_img_per_s`` times the step's decoding of 64 of them on ``device``."""
-    from cmim.data.datasets import ImageFolderDataset, SyntheticDataset, build_base_dataset
+    from cmim.data.base import DecodeMode
+    from cmim.data.factory import build_base_dataset
+    from cmim.data.folder import ImageFolderDataset
+    from cmim.data.synthetic import SyntheticDataset
     from cmim.data.views import PretrainDataset
 
     d = cfg.data
@@ -289,7 +292,7 @@ def data_pipeline(cfg: DictConfig, spec: Any, items: int, source: str,
     decode = decode or str(getattr(d, "decode", "cpu"))
     on_device = decode == "device" and isinstance(base, ImageFolderDataset)
     if on_device:
-        base.keep_jpeg = True
+        base = base.with_decode_mode(DecodeMode.device)
         label += ", decode on the device"
     out: dict[str, Any] = {"source": label, "items": items}
     try:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cmim.core.choices import Choice
 from cmim.core.errors import ConfigError
 
 
@@ -29,7 +30,12 @@ class DistInfo:
         return self.group
 
 
-DEVICES = ("auto", "cpu", "cuda")  # what a config's device may say (resolve_device)
+class DeviceChoice(Choice):
+    """``train.device``: "auto" (CUDA when there is one) | "cpu" | "cuda"."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:

@@ -17,7 +17,17 @@ from contextlib import AbstractContextManager
 
 import torch
 
-PRECISIONS = ("bf16", "fp32")
+from cmim.core.choices import Choice
+
+
+class Precision(Choice):
+    """``train.precision``: "bf16" autocast | "fp32"."""
+
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+PRECISIONS = tuple(p.value for p in Precision)
 log = logging.getLogger(__name__)
 
 

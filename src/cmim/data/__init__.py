@@ -1,5 +1,6 @@
 """cmim.data: base datasets, deterministic per-sample views and batched on-device photometric augmentation."""
 
+from cmim.data.arrays import CIFAR, FashionMNIST
 from cmim.data.augment import (
     IDENTITY_PARAMS,
     NUM_PARAMS,
@@ -13,20 +14,14 @@ from cmim.data.augment import (
     sample_photometric_params,
     to_unit,
 )
-from cmim.data.datasets import (
-    CIFAR,
-    BaseImageDataset,
-    ChannelMismatch,
-    FashionMNIST,
-    ImageFolderDataset,
-    SubsetDataset,
-    SyntheticDataset,
-    build_base_dataset,
-    load_pixels,
-    scan_unreadable,
-    skip_report,
-)
+from cmim.data.base import BaseImageDataset
+from cmim.data.factory import build_base_dataset
+from cmim.data.folder import ImageFolderDataset
+from cmim.data.pixels import ChannelMismatch, load_pixels
+from cmim.data.skips import scan_unreadable, skip_report
 from cmim.data.splits import held_out_mask, twin_groups
+from cmim.data.subset import SubsetDataset
+from cmim.data.synthetic import SyntheticDataset
 from cmim.data.views import (
     EvalDataset,
     PretrainDataset,

@@ -11,7 +11,16 @@ import math
 
 import numpy as np
 
-__all__ = ["BlockMaskGenerator", "RandomGridMaskGenerator", "build_mask_generator"]
+from cmim.core.choices import Choice
+
+__all__ = ["BlockMaskGenerator", "MaskKind", "RandomGridMaskGenerator", "build_mask_generator"]
+
+
+class MaskKind(Choice):
+    """``mask.kind``: "block" (BEiT's block-wise masking) | "random" (random cells of a coarse grid)."""
+
+    block = "block"
+    random = "random"
 
 _MAX_ATTEMPTS_PER_BLOCK = 10
 
@@ -159,7 +168,7 @@ def build_mask_generator(
     ``kind="block"`` masks ``round(ratio * gh * gw)`` patches block-wise (``cell`` is ignored);
     ``kind="random"`` masks cells uniformly (the block-shape arguments are ignored).
     """
-    if kind == "block":
+    if kind == MaskKind.block:
         gh, gw = _check_grid(grid)
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"ratio must be in (0, 1), got {ratio}")
@@ -170,6 +179,6 @@ def build_mask_generator(
             min_aspect=min_aspect,
             max_aspect=max_aspect,
         )
-    if kind == "random":
+    if kind == MaskKind.random:
         return RandomGridMaskGenerator(grid, ratio=ratio, cell=cell)
     raise ValueError(f"unknown mask kind {kind!r}; expected 'block' or 'random'")

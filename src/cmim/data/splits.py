@@ -13,15 +13,24 @@ files, a few minutes for 200k.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from torch.utils.data import Dataset
 
-__all__ = ["DEFAULT_TWIN_COSINE", "held_out_mask", "twin_groups", "unit_hash"]
+from cmim.data.folder import ImageFolderDataset
+from cmim.data.subset import SubsetDataset
+
+__all__ = ["DEFAULT_TWIN_COSINE", "HELD_OUT_SPLITS", "held_out_mask", "split_part", "twin_groups", "unit_hash"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TWIN_COSINE = 0.99
 
@@ -93,3 +102,64 @@ def held_out_mask(relpaths: Sequence[str], targets: np.ndarray, fraction: float,
             pick = idx[np.argmax(u_of[idx])]
             held[inverse == inverse[pick]] = False
     return held
+
+
+class _Fingerprints(Dataset):
+    """Index -> the file's thumbnail or None (unreadable), computed in DataLoader workers."""
+
+    def __init__(self, ds: ImageFolderDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray | None:
+        cache = self.ds.cache
+        assert cache is not None
+        try:
+            return cache.fingerprint(self.ds.paths[index], functools.partial(self.ds.preview, index))
+        except Exception:  # noqa: BLE001 - an unreadable file has no twins; the training loader skips it
+            return None
+
+
+# (real root, listing, setting, threshold) -> group ids: the train and val parts of one run group once
+_GROUPS: dict[tuple, np.ndarray] = {}
+_SAID: set[tuple] = set()  # splits already described in the log (once per process)
+
+
+def _twin_groups(ds: ImageFolderDataset, threshold: float, workers: int) -> np.ndarray:
+    assert ds.cache is not None
+    key = (os.path.realpath(ds.root), tuple(ds.paths), ds.cache.root, ds.cache.setting, threshold)
+    if key not in _GROUPS:
+        loader = torch.utils.data.DataLoader(_Fingerprints(ds), batch_size=64, num_workers=workers,
+                                             collate_fn=list)
+        prints = [f for batch in loader for f in batch]
+        _GROUPS[key] = twin_groups(prints, threshold)
+    return _GROUPS[key]
+
+
+HELD_OUT_SPLITS = ("val", "test")
+
+
+def split_part(ds: ImageFolderDataset, split: str, fraction: float, seed: int, twin_cosine: float | None,
+               workers: int) -> SubsetDataset:
+    """The training ("train") or held-out ("val"/"test") part of the whole folder ``ds`` by
+    :func:`held_out_mask`; ``twin_cosine`` (None: no grouping) keeps near-duplicates on one side, found from the
+    thumbnails that ``ds.cache`` keeps."""
+    root = ds.root
+    if split != "train" and split not in HELD_OUT_SPLITS:
+        raise ValueError(f"with data.val_fraction > 0 the folder split is 'train' or 'val'/'test', not {split!r}")
+    if "train" in ds.classes and any(s in ds.classes for s in HELD_OUT_SPLITS):
+        raise ValueError(f"data.val_fraction splits {root} itself, but it has train/ and val/ sub-folders; "
+                         "set data.val_fraction=0 to use them")
+    rel = [os.path.relpath(p, root).replace(os.sep, "/") for p in ds.paths]
+    groups = None if twin_cosine is None else _twin_groups(ds, twin_cosine, workers)
+    held = held_out_mask(rel, ds.targets, fraction, seed, groups)
+    said = (os.path.realpath(root), len(rel), fraction, seed)
+    if groups is not None and said not in _SAID:
+        _SAID.add(said)
+        sizes = np.bincount(groups)
+        with_twin = int((sizes[groups] > 1).sum())
+        log.info("split of %s: %d files; %d have near-duplicates, in %d groups kept on one side; %d held out",
+                 root, len(rel), with_twin, int((sizes > 1).sum()), int(held.sum()))
+    return SubsetDataset(ds, np.flatnonzero(held if split in HELD_OUT_SPLITS else ~held))

@@ -14,9 +14,8 @@ interpolation); crops and eval images are then float32 instead of uint8. The ran
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,26 +23,29 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
+from cmim.core.choices import Choice
 from cmim.data.augment import NUM_PARAMS, ViewSpec, sample_photometric_params
-from cmim.data.datasets import (
-    BaseImageDataset,
-    EncodedJpeg,
-    ImageLike,
-    build_base_dataset,
-    check_folder_channels,
-    folder_parts,
-)
+from cmim.data.base import BaseImageDataset, DecodeMode, EncodedJpeg, ImageLike, ImageView
+from cmim.data.factory import build_base_dataset
+from cmim.data.folder import check_folder_channels, folder_parts
 
 __all__ = [
     "EvalDataset",
+    "Interpolation",
     "PretrainDataset",
     "build_eval_dataset",
     "build_pretrain_dataset",
     "random_resized_crop_params",
 ]
+
+class Interpolation(Choice):
+    """``data.interpolation``: the resampling of crops and eval resizes (views, the device decoder)."""
+
+    bicubic = "bicubic"
+    bilinear = "bilinear"
+
 
 _PIL_INTERP = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -116,22 +118,7 @@ def _is_float(base: Any) -> bool:
     return bool(getattr(base, "float_pixels", False))
 
 
-@contextlib.contextmanager
-def _decoding_on_cpu(base: BaseImageDataset) -> Iterator[None]:
-    """Within: a folder under ``base`` decodes every file on the CPU, whatever ``data.decode`` says."""
-    parts = folder_parts(base)
-    folder = parts[0] if parts is not None else None
-    keep = folder.keep_jpeg if folder is not None else False
-    if folder is not None:
-        folder.keep_jpeg = False
-    try:
-        yield
-    finally:
-        if folder is not None:
-            folder.keep_jpeg = keep
-
-
-class PretrainDataset(Dataset):
+class PretrainDataset(ImageView):
     """Pre-training items: ``crops`` uint8 (num_crops, C, S, S), ``aug`` float32 (V, K), optional ``mask``
     bool (gh*gw,), ``label`` and ``index`` int64.
 
@@ -152,6 +139,7 @@ class PretrainDataset(Dataset):
         seed: int = 0,
     ) -> None:
         self.base, self.spec = base, spec
+        self.cpu_base = base.decoding_on_cpu()  # what decoded_item reads: the same samples, decoded on the CPU
         self.img_size = int(img_size)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.log_ratio = (math.log(float(crop_ratio[0])), math.log(float(crop_ratio[1])))
@@ -173,9 +161,12 @@ class PretrainDataset(Dataset):
         return int(self._epoch.item())
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return self._item(self.base, index)
+
+    def _item(self, base: BaseImageDataset, index: int) -> dict[str, Tensor]:
         index = int(index)
         rng = np.random.default_rng([self.seed, self._epoch.item(), index])
-        img, label = self.base[index]
+        img, label = base[index]
         s, spec = self.img_size, self.spec
         encoded = isinstance(img, EncodedJpeg)
         if self.float_pixels:
@@ -221,11 +212,10 @@ class PretrainDataset(Dataset):
     def decoded_item(self, index: int) -> dict[str, Tensor]:
         """Item ``index`` with every file decoded on the CPU: what the device decoder falls back to for a file
         it cannot decode (the CPU then decodes it, or records it as unreadable and takes the next one)."""
-        with _decoding_on_cpu(self.base):
-            return self[index]
+        return self._item(self.cpu_base, index)
 
 
-class EvalDataset(Dataset):
+class EvalDataset(ImageView):
     """Deterministic eval items: shorter side → ``round(img_size / eval_crop_pct)``, centre crop ``img_size``.
 
     Returns ``image`` uint8 (C, S, S) (float32 in [0, 1] for ``float_pixels`` datasets), ``label`` and ``index``
@@ -284,13 +274,10 @@ class EvalDataset(Dataset):
 def build_pretrain_dataset(cfg: Any, split: str, spec: ViewSpec, seed: int) -> PretrainDataset:
     """Base dataset of ``split`` wrapped with the pre-training crops/parameters described by ``cfg``; with
     ``cfg.decode == "device"`` a folder's JPEG files are left for the device decoder (:mod:`cmim.data.decode`)."""
-    base = build_base_dataset(cfg, split)
+    base = build_base_dataset(cfg, split, cfg.decode)
     check_folder_channels(base)
-    if str(getattr(cfg, "decode", "cpu")) == "device":
-        parts = folder_parts(base)
-        if parts is None:
-            raise ValueError(f"data.decode=device decodes the JPEG files of data.name=folder, not {cfg.name}")
-        parts[0].keep_jpeg = True
+    if cfg.decode == DecodeMode.device and folder_parts(base) is None:
+        raise ValueError(f"data.decode=device decodes the JPEG files of data.name=folder, not {cfg.name}")
     return PretrainDataset(
         base,
         spec,
@@ -305,12 +292,11 @@ def build_pretrain_dataset(cfg: Any, split: str, spec: ViewSpec, seed: int) -> P
 
 def build_eval_dataset(cfg: Any, split: str) -> EvalDataset:
     """Base dataset of ``split`` with the deterministic eval resize + centre crop."""
-    crop_pct = getattr(cfg, "eval_crop_pct", None)
     base = build_base_dataset(cfg, split)
     check_folder_channels(base)
     return EvalDataset(
         base,
         img_size=int(cfg.img_size),
-        eval_crop_pct=1.0 if crop_pct is None else float(crop_pct),
-        interpolation=str(getattr(cfg, "interpolation", "bicubic")),
+        eval_crop_pct=float(cfg.eval_crop_pct),
+        interpolation=str(cfg.interpolation),
     )

@@ -41,8 +41,8 @@ from cmim.core.io import atomic_torch_save, atomic_write_text
 from cmim.core.schedules import cosine_schedule, scaled_lr
 from cmim.core.weights import load_checkpoint
 from cmim.data.augment import ViewMaker
-from cmim.data.datasets import all_reduce_skips, read_skip_list, skip_report, write_skip_list
 from cmim.data.decode import DeviceDecoder, collate_pretrain
+from cmim.data.skips import all_reduce_skips, read_skip_list, skip_report, write_skip_list
 from cmim.data.stats import resolve_auto_stats
 from cmim.data.views import build_pretrain_dataset
 from cmim.engine.callbacks import Callback

@@ -4,64 +4,52 @@ Order of precedence: schema defaults <- the pre-training data config stored in t
 channels, normalization, dataset) <- the eval recipe YAML (``_base_`` supported) <- ``key=value``
 overrides. So ``cmim eval knn CKPT`` with no recipe evaluates on the data the encoder was trained on.
 
-Closed choices are enums (``StrEnum``: a member is its own name as a string, so code compares it with plain
-strings and it writes to JSON and YAML as that string); OmegaConf refuses any other value at merge, naming the
-key. Where the allowed values are defined elsewhere (precisions, devices, the encoder roles, the fine-tuning
-variants) the enum is built from that constant. Each section's other checks sit beside its dataclass
-(``check``); :func:`validate_eval` calls them.
+Closed choices are :class:`~cmim.core.choices.Choice` enums, checked by OmegaConf at merge (one line naming the
+key); the ones defined elsewhere (encoder role, device, precision, pooling, the fine-tuning variants) are
+imported from where they are defined. Each section's other checks sit beside its dataclass (``check``);
+:func:`validate_eval` calls them.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from cmim.config import DataConfig, merge_config, validate_data_input
-from cmim.core.distributed import DEVICES
+from cmim.core.choices import Choice
+from cmim.core.distributed import DeviceChoice
 from cmim.core.errors import require
-from cmim.core.precision import PRECISIONS
-from cmim.eval.timm_model import HEAD_NORMS, REL_POS_BIASES
-from cmim.models.encoder import is_pooled_feature
-from cmim.models.stored_encoder import ENCODER_ROLES
+from cmim.core.precision import Precision
+from cmim.eval.timm_model import HeadNorm, RelPosBias
+from cmim.models.encoder import GlobalPool, is_pooled_feature
+from cmim.models.stored_encoder import EncoderRole
 
-__all__ = ["Device", "EncoderRole", "EvalConfig", "FinetuneConfig", "HeadNorm", "Init", "KNNConfig", "LinearConfig",
-           "LinearMode", "LinearOptimizer", "Pool", "Precision", "RelPosBias", "load_eval_config", "validate_eval"]
-
-
-def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
-    """An enum whose members are exactly ``values`` (each named as it is spelled)."""
-    return StrEnum(name, [(v, v) for v in values])  # type: ignore[return-value]
+__all__ = ["EvalConfig", "FinetuneConfig", "Init", "KNNConfig", "LinearConfig", "LinearMode", "LinearOptimizer",
+           "load_eval_config", "validate_eval"]
 
 
-EncoderRole = _choices("EncoderRole", ENCODER_ROLES)  # teacher (the downstream encoder, EMA) | student
-Device = _choices("Device", DEVICES)
-Precision = _choices("Precision", PRECISIONS)  # bf16 autocast | fp32
-HeadNorm = _choices("HeadNorm", HEAD_NORMS)
-RelPosBias = _choices("RelPosBias", REL_POS_BIASES)
+class Init(Choice):
+    """``init``: the encoder's weights."""
 
-
-class Init(StrEnum):
     pretrained = "pretrained"
     random = "random"  # same architecture, fresh weights: the baseline
 
 
-class LinearMode(StrEnum):
+class LinearMode(Choice):
+    """``linear.mode``: "cached" features of centre crops | "reference" augmented images every step."""
+
     cached = "cached"
     reference = "reference"
 
 
-class LinearOptimizer(StrEnum):
+class LinearOptimizer(Choice):
+    """``linear.optimizer``: both timm optimizers."""
+
     sgd = "sgd"  # SGD with momentum (MoCo v3)
     lars = "lars"  # LARS (MAE)
-
-
-class Pool(StrEnum):
-    avg = "avg"  # mean of patch tokens (BEiT/ConMIM/MAE)
-    token = "token"  # CLS
 
 
 def _check_crop_scale(key: str, crop_scale: Any) -> None:
@@ -124,14 +112,14 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     drop_path: float = 0.1
-    pool: Pool = Pool.avg
+    pool: GlobalPool = GlobalPool.avg  # "avg": mean of patch tokens (BEiT/ConMIM/MAE) | "token": CLS
     # "pretrained": every token through the pre-trained final norm, then pooled (the exported model as is) |
     # "fc_norm": BEiT/ConMIM/MAE: final norm dropped, pooled tokens through a fresh LayerNorm before the head
-    head_norm: HeadNorm = HeadNorm("pretrained")
+    head_norm: HeadNorm = HeadNorm.pretrained
     # Beit encoders with a shared relative position bias: "shared": that one table, trained in the stem's
     # layer-decay group | "per_block": BEiT/ConMIM --rel_pos_bias: one table per block, each a copy of the
     # shared one, trained with its block's layer-decay scale (an encoder without a shared table: no change)
-    rel_pos_bias: RelPosBias = RelPosBias("shared")
+    rel_pos_bias: RelPosBias = RelPosBias.shared
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_prob: float = 1.0
@@ -164,7 +152,7 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
-    encoder: EncoderRole = EncoderRole("teacher")  # exported files hold one encoder
+    encoder: EncoderRole = EncoderRole.teacher  # exported files hold one encoder
     # k-NN / linear: "mean" of patch tokens | "cls" | "gridG" (an open set: is_pooled_feature); "pixels" for the
     # raw-pixel baseline
     feature: str = "mean"
@@ -176,8 +164,8 @@ class EvalConfig:
     label_fraction: float | None = None
     test_subset: int | None = None
     batch_size: int = 256  # feature extraction / evaluation batch
-    device: Device = Device("auto")
-    precision: Precision = Precision("bf16")
+    device: DeviceChoice = DeviceChoice.auto
+    precision: Precision = Precision.bf16
     seed: int = 0
     cache_dir: str | None = None  # feature cache; None: $CMIM_CACHE or ~/.cache/cmim/features
     out: str | None = None  # result JSON; None: <checkpoint dir>/eval/<protocol>-<dataset>-<encoder>-...json

@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from cmim.core.errors import ConfigError
-from cmim.data.datasets import build_base_dataset, needs_float_pixels
+from cmim.data.base import needs_float_pixels
+from cmim.data.factory import build_base_dataset
 from cmim.data.views import build_eval_dataset
 from cmim.eval.loading import EncoderSource
 

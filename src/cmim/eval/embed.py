@@ -36,7 +36,8 @@ from cmim.core.distributed import resolve_device
 from cmim.core.errors import ConfigError, first_line
 from cmim.core.io import atomic_path, atomic_write_text
 from cmim.core.precision import resolve_precision
-from cmim.data.datasets import ImageFolderDataset, folder_parts, write_skip_list
+from cmim.data.folder import ImageFolderDataset, folder_parts
+from cmim.data.skips import write_skip_list
 from cmim.data.views import build_eval_dataset
 from cmim.eval.datasets import check_data_fits, eval_dataset
 from cmim.eval.extract import pooled_batches

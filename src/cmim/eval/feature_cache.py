@@ -22,7 +22,7 @@ from cmim.core.distributed import resolve_device
 from cmim.core.errors import ConfigError
 from cmim.core.io import atomic_torch_save
 from cmim.core.weights import read_weights
-from cmim.data.datasets import skipped_files
+from cmim.data.skips import skipped_files
 from cmim.engine.memory import host_available_bytes
 from cmim.eval.datasets import check_data_fits, eval_dataset, split_name
 from cmim.eval.extract import extract_features, pixel_features
@@ -47,7 +47,8 @@ def cache_dir(cfg: DictConfig) -> Path:
 def _key(src: EncoderSource, cfg: DictConfig, part: str, feature: str) -> dict[str, Any]:
     d = cfg.data
     root = str(Path(d.root).resolve()) if d.root else None
-    return {
+    # JSON values only: the key is saved with the features and read back weights-only (config choices as str)
+    return json.loads(json.dumps({
         "weights": src.tag, "feature": feature, "split": split_name(cfg, part), "dataset": d.name,
         "root": root,
         "img_size": d.img_size, "in_chans": d.in_chans, "mean": list(d.mean), "std": list(d.std),
@@ -60,7 +61,7 @@ def _key(src: EncoderSource, cfg: DictConfig, part: str, feature: str) -> dict[s
                        "max_image_pixels": d.max_image_pixels, "split_twins": d.split_twins,
                        "twin_cosine": d.twin_cosine, "cache_images": d.cache_images,
                        "cache_short_side": d.cache_short_side}} if d.name == "folder" else {}),
-    }
+    }))
 
 
 def check_pixel_memory(num_images: int, data: DictConfig) -> None:

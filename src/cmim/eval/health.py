@@ -126,7 +126,7 @@ class HealthMonitor(Callback):
             h = embedding_health(feats)
             rec: dict[str, Any] = {"epoch": trainer.epoch, "step": trainer.step, "eff_rank": h["eff_rank"],
                                    "feat_std": h["feat_std"], "mean_cos": h["mean_cos"], "images": h["images"],
-                                   "dim": h["dim"], "held_out": self._held_out, "encoder": mon.encoder,
+                                   "dim": h["dim"], "held_out": self._held_out, "encoder": str(mon.encoder),
                                    "feature": mon.feature}
             start = self.history[0] if self.history else rec
             why = collapse_reason(rec, start, mon.collapse_fraction, mon.collapse_cosine)

@@ -108,7 +108,7 @@ class KnnMonitor(Callback):
             res = online_knn(trainer.method.encoder(mon.encoder), *self._sets, cfg, trainer.device)
             if res:
                 rec = {"epoch": trainer.epoch, "step": trainer.step, "knn_top1": res["top1"],
-                       "knn_top5": res["top5"], "encoder": mon.encoder, "feature": mon.feature, "k": mon.k,
+                       "knn_top5": res["top5"], "encoder": str(mon.encoder), "feature": mon.feature, "k": mon.k,
                        "seconds": time.perf_counter() - t0,
                        **({"linear_top1": res["linear_top1"]} if "linear_top1" in res else {})}
                 self.history.append(rec)

@@ -44,7 +44,8 @@ from cmim.losses import info_nce, patch_contrastive_loss
 from cmim.methods import MethodSpec, declared_encoder_prefixes
 from cmim.methods.base import Method
 from cmim.models import MaskedEncoder, MLPHead
-from cmim.models.teachers import FrozenTeacher, TeacherError, check_fits, load_teacher
+from cmim.models.stored_encoder import ENCODER_ROLES
+from cmim.models.teachers import FORMATS, FrozenTeacher, TeacherError, check_fits, load_teacher
 
 
 @dataclass
@@ -147,9 +148,11 @@ def validate(cfg: Any) -> None:
     require(c.patch_target in (None, "projector", "backbone"),
             "mimco.patch_target: must be projector, backbone or null")
     require(c.head_layers >= 1, "mimco.head_layers: must be >= 1")
-    require(c.teacher_encoder in ("teacher", "student"), "mimco.teacher_encoder: must be teacher or student")
+    require(c.teacher_encoder in ENCODER_ROLES,
+            f"mimco.teacher_encoder: must be {' or '.join(ENCODER_ROLES)}, got {c.teacher_encoder!r}")
     require(c.patch_negatives in ("image", "batch"), "mimco.patch_negatives: must be image or batch")
-    require(c.teacher_format in ("auto", "cmim", "mocov3", "timm"), "mimco.teacher_format: unknown format")
+    require(c.teacher_format in FORMATS,
+            f"mimco.teacher_format: must be one of {', '.join(FORMATS)}, got {c.teacher_format!r}")
     require(c.patch_temperature > 0 and c.image_temperature > 0, "mimco temperatures must be positive")
     require(c.image_weight >= 0, "mimco.image_weight: must be >= 0")
     if cfg.method == "mimco":

@@ -19,6 +19,8 @@ from timm.layers import trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor, nn
 
+from cmim.core.choices import Choice
+
 # (embed_dim, depth, num_heads): the standard ViT presets.
 PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (192, 12, 3),
@@ -26,6 +28,36 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
 }
+# ``model.size``: one of the presets
+ModelSize = Choice("ModelSize", list(PRESETS))
+
+
+class ModelFamily(Choice):
+    """``model.family``: "vit" (timm VisionTransformer) | "beit" (timm Beit)."""
+
+    vit = "vit"
+    beit = "beit"
+
+
+class PosEmbed(Choice):
+    """``model.pos_embed``: "learn" (learned) | "sincos" (fixed 2-D sin-cos, MoCo v3; vit family only)."""
+
+    learn = "learn"
+    sincos = "sincos"
+
+
+class GlobalPool(Choice):
+    """``model.global_pool``: the exported timm model's pooled feature, "avg" (patch tokens) | "token" (CLS)."""
+
+    avg = "avg"
+    token = "token"
+
+
+class WeightInit(Choice):
+    """``model.init``: "timm" (timm's default) | "mocov3" (MoCo v3's xavier init, qkv as three matrices)."""
+
+    timm = "timm"
+    mocov3 = "mocov3"
 
 
 def timm_spec(model_cfg: Any, img_size: int, in_chans: int) -> tuple[str, dict[str, Any]]:
@@ -37,14 +69,14 @@ def timm_spec(model_cfg: Any, img_size: int, in_chans: int) -> tuple[str, dict[s
     common: dict[str, Any] = dict(
         img_size=img_size, patch_size=model_cfg.patch_size, in_chans=in_chans, num_classes=0,
         embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=model_cfg.mlp_ratio,
-        qkv_bias=model_cfg.qkv_bias, global_pool=model_cfg.global_pool,
+        qkv_bias=model_cfg.qkv_bias, global_pool=str(model_cfg.global_pool),  # a plain str in checkpoints
     )
-    if model_cfg.family == "vit":
+    if model_cfg.family == ModelFamily.vit:
         size = model_cfg.size
         # fc_norm=False keeps timm's per-token final `norm` for both poolings: "avg" pools normalized tokens.
         kwargs = dict(common, init_values=model_cfg.layer_scale_init, fc_norm=False)
         return f"vit_{size}_patch16_224", kwargs
-    large = model_cfg.size == "large"
+    large = model_cfg.size == ModelSize.large
     kwargs = dict(
         common, init_values=model_cfg.layer_scale_init, use_fc_norm=False,
         use_abs_pos_emb=not model_cfg.shared_rel_pos_bias, use_rel_pos_bias=False,
@@ -78,12 +110,12 @@ class MaskedEncoder(nn.Module):
         self.backbone = timm.create_model(timm_name, pretrained=False, drop_path_rate=drop_path,
                                           **timm_kwargs)
         self.family = "beit" if hasattr(self.backbone, "rel_pos_bias") else "vit"
-        if init == "mocov3":
+        if init == WeightInit.mocov3:
             if self.family != "vit":
                 raise ValueError("model.init=mocov3 (MoCo v3's ViT initialization) is available for the vit "
                                  "family only")
             self._init_mocov3()
-        elif init != "timm":
+        elif init != WeightInit.timm:
             raise ValueError(f"unknown init {init!r} (timm or mocov3)")
         self.embed_dim: int = self.backbone.embed_dim
         self.grid_size: tuple[int, int] = tuple(self.backbone.patch_embed.grid_size)
@@ -215,10 +247,10 @@ def is_pooled_feature(name: str) -> bool:
 
 
 def build_encoder(model_cfg: Any, img_size: int, in_chans: int) -> MaskedEncoder:
-    if model_cfg.pos_embed == "sincos" and model_cfg.family != "vit":
+    if model_cfg.pos_embed == PosEmbed.sincos and model_cfg.family != ModelFamily.vit:
         raise ValueError("model.pos_embed=sincos is available for the vit family only")
     init = getattr(model_cfg, "init", "timm")  # configs stored before model.init existed: timm's init
     name, kwargs = timm_spec(model_cfg, img_size, in_chans)
     return MaskedEncoder(name, kwargs, drop_path=model_cfg.drop_path,
-                         sincos_pos_embed=model_cfg.pos_embed == "sincos",
+                         sincos_pos_embed=model_cfg.pos_embed == PosEmbed.sincos,
                          frozen_patch_embed=model_cfg.frozen_patch_embed, init=init)

@@ -6,7 +6,7 @@ both, because it depends on nothing but the encoder's own key layout: every Mask
 found by its ``<prefix>mask_token`` and ``<prefix>backbone.patch_embed.proj.weight`` keys, whatever a method
 calls its modules.
 
-A reader asks for one of two roles (:data:`ENCODER_ROLES`): ``teacher``, the encoder a run hands downstream
+A reader asks for one of two roles (:class:`EncoderRole`): ``teacher``, the encoder a run hands downstream
 (the EMA teacher of momentum methods, the student of methods without one), or ``student``. A method may declare
 where each role's encoder sits (``MethodSpec.encoder_prefixes``); the rule uses that declaration when the
 encoder is there, and otherwise falls back on the names: ``<role>.``, then ``student.``, then the only encoder.
@@ -17,11 +17,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from cmim.core.choices import Choice
 from cmim.core.errors import CheckpointError
 
-__all__ = ["ENCODER_ROLES", "encoder_prefix", "encoder_prefixes", "encoder_state_dict"]
+__all__ = ["ENCODER_ROLES", "EncoderRole", "encoder_prefix", "encoder_prefixes", "encoder_state_dict"]
 
-ENCODER_ROLES = ("teacher", "student")  # the encoders a reader can ask a checkpoint for
+
+class EncoderRole(Choice):
+    """Which of a run's encoders (``encoder``, ``monitor.encoder``, ``mimco.teacher_encoder``): "teacher" (the
+    EMA one where there is one, what downstream use takes) | "student"."""
+
+    teacher = "teacher"
+    student = "student"
+
+
+ENCODER_ROLES = tuple(r.value for r in EncoderRole)
 _MARK = "backbone.patch_embed.proj.weight"
 _TOKEN = "mask_token"
 
@@ -33,7 +43,7 @@ def encoder_prefixes(state_dict: Mapping[str, Any]) -> list[str]:
 
 
 def encoder_prefix(state_dict: Mapping[str, Any], which: str, declared: Mapping[str, str] | None = None) -> str:
-    """The state-dict prefix of the ``which`` encoder (a role of :data:`ENCODER_ROLES`); ``declared``: where the
+    """The state-dict prefix of the ``which`` encoder (an :class:`EncoderRole`); ``declared``: where the
     checkpoint's method says its encoders are (``MethodSpec.encoder_prefixes``), None when unknown."""
     if which not in ENCODER_ROLES:
         raise CheckpointError(f"encoder: must be {' or '.join(ENCODER_ROLES)}, got {which!r}")

@@ -54,7 +54,7 @@ def load_sources(paths: list[str], recipe: str | None, overrides: list[str], ran
 
 def class_names(cfg: DictConfig) -> list[str]:
     """The eval split's class names (empty when the data has none or cannot be read)."""
-    from cmim.data.datasets import build_base_dataset
+    from cmim.data.factory import build_base_dataset
 
     try:
         return list(build_base_dataset(cfg.data, str(cfg.data.eval_split)).classes)
