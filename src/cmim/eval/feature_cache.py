@@ -79,7 +79,7 @@ def cached_features(src: EncoderSource, cfg: DictConfig, part: str, feature: str
                     use_cache: bool = True) -> tuple[Tensor, Tensor, bool]:
     """(features float32 (N, D), labels (N,), was_cached) of the ``part`` split for ``src``'s encoder."""
     feature = feature or cfg.feature
-    key = json.loads(json.dumps(_key(src, cfg, part, feature)))  # plain values (enums as strings): read weights-only
+    key = _key(src, cfg, part, feature)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir(cfg) / f"{src.tag}-{feature}-{key['split']}-{digest}.pt"
     if use_cache and path.is_file():
