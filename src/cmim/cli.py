@@ -1,4 +1,4 @@
-"""``cmim`` command line: pretrain | eval | export | embed | viz | report | bench | pipeline.
+"""``cmim`` command line: pretrain | eval | export | embed | viz | report | bench | pipeline | shards.
 
 Errors a user can fix (bad config, missing path, incompatible checkpoint) print one ``cmim: error:`` line and
 exit with status 2; nothing is written before the config has been validated.
@@ -34,6 +34,7 @@ register("viz", "cmim.viz.cli")
 register("report", "cmim.report")
 register("bench", "cmim.bench")
 register("pipeline", "cmim.pipeline")
+register("shards", "cmim.data.shards.cli")
 
 
 def _pretrain(args: argparse.Namespace) -> int:

@@ -25,7 +25,9 @@ __all__ = ["DataConfig", "MaskConfig", "validate_data", "validate_data_input", "
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"  # a registered dataset (cmim.data.factory.DATASETS): fashion-mnist | folder | ...
-    root: str | None = None  # None: the dataset's default location (Debian's Fashion-MNIST)
+    # None: the dataset's default location (Debian's Fashion-MNIST); shards: a folder from `cmim shards`, an
+    # index.json (path or URL) or a brace pattern of local, http(s):// or pipe: shards (cmim.data.shards)
+    root: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
     img_size: int = 224
@@ -86,7 +88,8 @@ def validate_data_input(d: Any) -> None:
     require(d.name in DATASETS, f"data.name: unknown dataset {d.name!r} (choose from {', '.join(DATASETS)})")
     if d.name != "synthetic":
         if d.root is not None:
-            require(Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
+            # shards: data.root may be a pattern or a URL; cmim.data.shards says in one line what it cannot find
+            require(d.name == "shards" or Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
         else:
             require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
     require(d.in_chans >= 1, f"data.in_chans: must be >= 1, got {d.in_chans}")
@@ -134,6 +137,8 @@ def validate_data(d: Any, patch_size: int) -> None:
             f"data.val_fraction: only splits data.name=folder, not {d.name} (which has its own splits)")
     require(d.decode == DecodeMode.cpu or d.name == "folder",
             f"data.decode=device decodes JPEG files of data.name=folder; {d.name} is held decoded in memory")
+    require(d.name != "shards" or not needs_float_pixels(d.in_chans, d.bit_depth),
+            "data.bit_depth=full: shards are read as 8-bit images; full depth needs data.name=folder")
     require(d.decode == DecodeMode.cpu or not needs_float_pixels(d.in_chans, d.bit_depth),
             "data.decode=device decodes 8-bit JPEGs; full bit depth and other channel counts decode on the CPU")
 

@@ -93,6 +93,14 @@ def _folder(cfg: Any, split: str, decode_mode: DecodeMode) -> BaseImageDataset:
                       loader_workers(cfg.num_workers))
 
 
+@register_dataset("shards")
+def _shards(cfg: Any, split: str, decode_mode: DecodeMode) -> BaseImageDataset:
+    """WebDataset tar shards written by ``cmim shards``, read by random access over their index."""
+    from cmim.data.shards.dataset import build_shard_dataset  # the shard reader pulls in webdataset's tar I/O
+
+    return build_shard_dataset(cfg, split, int(cfg.in_chans))
+
+
 def build_base_dataset(cfg: Any, split: str, decode_mode: str = DecodeMode.cpu) -> BaseImageDataset:
     """Build the un-augmented dataset of ``split`` (a split name such as ``cfg.train_split``) from ``cfg``.
 

@@ -281,7 +281,7 @@ def load_pixels(path: str | os.PathLike, in_chans: int, max_pixels: int | None =
     return fit_channels(px, in_chans, background, path)
 
 
-def _needs_arrays(path: str | os.PathLike) -> bool:
+def needs_arrays(path: str | os.PathLike) -> bool:
     """Whether the 8-bit path reads this file through :func:`load_pixels` instead of PIL: ``.npy`` files, and TIFFs
     PIL would misread (bands stored as pages, or other than grey/colour samples)."""
     suffix = Path(path).suffix.lower()
@@ -314,7 +314,7 @@ def load_image(
     """Open (size checked from the header), fully decode (so truncated files fail here) and convert. ``.npy`` files
     and TIFFs PIL would misread (bands as pages, multi-band samples) go through :func:`load_pixels`, rounded to 8
     bits; a file whose channels do not fit raises :class:`ChannelMismatch`."""
-    if _needs_arrays(path):
+    if needs_arrays(path):
         return _quantize(load_pixels(path, in_chans, max_pixels, background))
     with open_checked(path, max_pixels) as im:
         im.load()
