@@ -228,7 +228,7 @@ def test_raw_pixels_of_a_folder_checkpoint_under_a_memory_limit(tmp_path):
 
 
 def test_raw_pixels_that_cannot_fit_are_refused_in_one_line(monkeypatch, capsys, tmp_path):
-    import cmim.eval.features as features
+    import cmim.eval.feature_cache as features
 
     monkeypatch.setattr(features, "host_available_bytes", lambda: 10_000)  # 10 kB
     assert main(["eval", "knn", "--raw-pixels", "--no-cache", *DATA, "train_subset=64", "test_subset=32",

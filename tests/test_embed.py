@@ -21,7 +21,7 @@ from cmim.config import load_config
 from cmim.data.pixels import load_image
 from cmim.eval import embed as embed_mod
 from cmim.eval.embed import embed, read_embeddings
-from cmim.eval.knn import extract_features
+from cmim.eval.extract import extract_features
 from cmim.eval.run import open_source
 from cmim.models import MaskedEncoder
 from cmim.train import pretrain

@@ -243,3 +243,25 @@ def test_monitor_prints_linear_probe_and_verdict(tmp_path, capsys):
     lin_gain = last["linear_top1"] - first["linear_top1"]
     assert f"verdict: pre-training gained {gain:+.2f} (k-NN) / {lin_gain:+.2f} (linear) points over random init" in out
     assert f"and {over:+.2f} / " in out and "linear probe top-1 (same images): raw pixels" in out
+
+
+@pytest.mark.parametrize("override", ["linear.mode=fast", "linear.optimizer=adam", "finetune.pool=max", "encoder=ema",
+                                      "init=zeros", "device=tpu", "precision=fp8", "finetune.head_norm=ln"])
+def test_closed_choices_are_refused_at_merge_in_one_line(override):
+    from cmim.core.errors import ConfigError
+    from cmim.eval.config import load_eval_config
+
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_eval_config(None, ["data.name=synthetic", override])
+    assert str(e.value).startswith(f"{key}: ") and "expected one of" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_enum_values_read_and_write_as_their_strings():
+    from cmim.eval.config import load_eval_config
+
+    cfg = load_eval_config(None, ["data.name=synthetic", "linear.mode=reference", "encoder=student"])
+    assert cfg.linear.mode == "reference" and f"{cfg.encoder}" == "student"
+    stored = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
+    assert stored["linear"]["mode"] == "reference" and stored["precision"] == "bf16"
+    assert load_eval_config(stored) == cfg  # a result file's config loads back as it was

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cmim.cli import main
 from cmim.config import ConfigError, DataConfig, load_config
+from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 from cmim.data import ImageFolderDataset, SyntheticDataset, build_base_dataset
 from cmim.data.augment import ViewSpec
 from cmim.data.shards import ShardDataset, write_shards
@@ -323,7 +324,7 @@ def test_pretraining_on_shards_resumes_exactly(shards, tmp_path):
 
     def run(name: str, *extra: str) -> dict[str, torch.Tensor]:
         pretrain(load_config(None, tiny_overrides(tmp_path, *common, f"train.out_dir={tmp_path / name}", *extra)))
-        return torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
+        return torch.load(tmp_path / name / CHECKPOINT_FILE, weights_only=True)["model"]
 
     runs = {"straight": run("straight")}
     run("split", "train.max_steps=3")

@@ -139,3 +139,36 @@ def test_fit_checks(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(TeacherError, match="cannot read"):
         load_teacher(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_teacher_loader_and_evaluation_take_the_same_encoder(tmp_path, mocov3, which):
+    """One rule (cmim.models.stored_encoder): MimCo's teacher loader and cmim eval/export cut the same weights."""
+    from cmim.eval.loading import load_source
+    from cmim.methods import declared_encoder_prefixes
+
+    m, cfg = mocov3
+    path = tmp_path / "checkpoint.pt"
+    torch.save(_cmim_checkpoint(m, cfg), path)
+    evaluated = load_source(path, which).encoder.state_dict()
+    for declared in (None, declared_encoder_prefixes):
+        taught = load_teacher(path, which=which, declared_prefixes=declared).encoder.state_dict()
+        assert taught.keys() == evaluated.keys()
+        assert all(torch.equal(taught[k], evaluated[k]) for k in taught)
+
+
+def test_the_encoder_rule_prefers_what_the_method_declares():
+    from cmim.core.errors import CheckpointError
+    from cmim.models.stored_encoder import encoder_prefix
+
+    sd = {f"{p}{k}": torch.zeros(1) for p in ("student.", "ema.", "head.enc.")
+          for k in ("mask_token", "backbone.patch_embed.proj.weight")}
+    assert encoder_prefix(sd, "teacher") == "student."  # no "teacher." encoder: the student
+    assert encoder_prefix(sd, "teacher", {"teacher": "ema.", "student": "student."}) == "ema."
+    assert encoder_prefix(sd, "teacher", {"teacher": "gone."}) == "student."  # declared but absent: by name
+    only = {k: v for k, v in sd.items() if k.startswith("ema.")}
+    assert encoder_prefix(only, "student") == "ema."  # the only encoder there is
+    with pytest.raises(CheckpointError, match="cannot tell"):
+        encoder_prefix({k: v for k, v in sd.items() if not k.startswith("student.")}, "student")
+    with pytest.raises(CheckpointError, match="must be teacher or student"):
+        encoder_prefix(sd, "ema")

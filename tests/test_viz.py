@@ -12,6 +12,7 @@ from conftest import tiny_overrides
 from cmim.cli import main
 from cmim.config import load_config
 from cmim.core.checkpoint_paths import CHECKPOINT_FILE
+from cmim.data.augment import normalize
 from cmim.eval.loading import load_source
 from cmim.train import pretrain
 from cmim.viz.maps import cls_attention, patch_similarity
@@ -84,3 +85,46 @@ def test_report_embeds_pictures(run_dir, tmp_path, capsys, monkeypatch):
     assert {"curves", "tsne", "patches", "attention"} <= set(images)
     assert "<table>" in page and "knn" in page and "method: conmim" in page
     assert "report.html" in capsys.readouterr().out
+
+
+def _hooked_cls_attention(enc, x):
+    """The reference: the last block's attention weights caught where they leave the softmax (at ``attn_drop``)."""
+    attn, caught = enc.backbone.blocks[-1].attn, []
+    hook = attn.attn_drop.register_forward_hook(lambda _m, _i, out: caught.append(out))
+    fused, attn.fused_attn = attn.fused_attn, False
+    try:
+        with torch.no_grad():
+            enc(x)
+    finally:
+        attn.fused_attn = fused
+        hook.remove()
+    gh, gw = enc.grid_size
+    return caught[-1][:, :, 0, -gh * gw:].reshape(x.shape[0], -1, gh, gw)
+
+
+@pytest.mark.parametrize("family", ["vit", "beit-shared", "beit-own"])
+def test_cls_attention_is_the_softmax_of_the_last_block(family):
+    """timm's AttentionExtract gives exactly the weights a hook on the encoder's own forward sees, for ViT and for
+    Beit with a shared or per-block relative position bias, and leaves the encoder as it was."""
+    from cmim.eval.loading import EncoderSource
+    from cmim.models import MaskedEncoder
+
+    kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    name = "vit_tiny_patch16_224"
+    if family != "vit":
+        name = "beit_base_patch16_224"
+        shared = family == "beit-shared"
+        kw.update(use_abs_pos_emb=not shared, use_shared_rel_pos_bias=shared, use_rel_pos_bias=not shared)
+    torch.manual_seed(0)
+    enc = MaskedEncoder(name, kw)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # tables and biases away from their zero init
+    enc.backbone.blocks[-1].attn.fused_attn = True  # as on a GPU: must be back to it afterwards
+    src = EncoderSource(enc, "x", "0" * 64, "checkpoint", "teacher", None, {})
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    got = cls_attention(src, images, [0.5] * 3, [0.25] * 3)
+    want = _hooked_cls_attention(enc, normalize(images, [0.5] * 3, [0.25] * 3))
+    assert got.shape == (3, 2, 4, 4) and torch.equal(got, want)
+    assert enc.backbone.blocks[-1].attn.fused_attn is True
+    assert not any(m._forward_hooks for m in enc.modules())

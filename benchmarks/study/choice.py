@@ -53,7 +53,7 @@ def choose_global_feature(src: Any, cfg: DictConfig, seed: int) -> dict[str, Any
     import torch
 
     from cmim.core.knn import knn_accuracy
-    from cmim.eval.features import cached_features
+    from cmim.eval.feature_cache import cached_features
 
     feats = {f: cached_features(src, cfg, "train", feature=f)[:2] for f in GLOBAL_FEATURES}
     labels = feats[GLOBAL_FEATURES[0]][1]

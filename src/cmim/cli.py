@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from cmim.config import ConfigError, load_config
+from cmim.core.cli_args import CliParser
 from cmim.core.errors import CheckpointError, TrainingError
 
 USER_ERRORS = (ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError)
@@ -49,7 +50,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the chosen sub-command's module is imported (all of them for --help)."""
-    parser = argparse.ArgumentParser(prog="cmim", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="cmim", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pre-train an encoder (ConMIM, MoCo v3, MimCo, SimMIM)",

@@ -24,8 +24,8 @@ from cmim.core.distributed import DeviceChoice
 from cmim.core.errors import ConfigError, require
 from cmim.core.precision import Precision
 from cmim.data.config import DataConfig, MaskConfig, validate_data, validate_data_input, validate_mask
-from cmim.methods.base import EncoderRole
 from cmim.models.encoder import GlobalPool, ModelFamily, ModelSize, PosEmbed, WeightInit, is_pooled_feature
+from cmim.models.stored_encoder import EncoderRole
 
 __all__ = ["Config", "ConfigError", "DataConfig", "MaskConfig", "ModelConfig", "MonitorConfig", "OptimConfig",
            "TrainConfig", "from_yaml_string", "load_config", "merge_config", "read_recipe", "to_yaml", "validate",

@@ -43,6 +43,7 @@ from cmim.core.io import atomic_path, atomic_write_text, default_file_mode
 from cmim.eval.loading import EXPORT_META_KEY, HUB_WEIGHTS, EncoderSource, load_source
 from cmim.eval.timm_model import build_timm_model
 from cmim.models import MaskedEncoder
+from cmim.models.stored_encoder import ENCODER_ROLES
 
 __all__ = ["FORMATS", "add_parser", "export_encoder", "export_hub", "export_onnx", "load_encoder"]
 
@@ -487,6 +488,6 @@ def add_parser(subparsers: Any) -> None:
                    help="safetensors (default): timm state dict + kwargs sidecar; hub: config.json + "
                         "model.safetensors + README.md that timm opens with 'local-dir:OUT' (and the Hub after "
                         "upload); onnx: tokens + pooled embedding, dynamic batch (needs cmim[onnx])")
-    p.add_argument("--encoder", choices=("teacher", "student"), default="teacher",
+    p.add_argument("--encoder", choices=ENCODER_ROLES, default="teacher",
                    help="which encoder (default: teacher, the EMA encoder used downstream)")
     p.set_defaults(func=_run)

@@ -31,7 +31,8 @@ from cmim.core.distributed import cleanup, resolve_device
 from cmim.core.io import atomic_write_text
 from cmim.core.knn import knn_accuracy
 from cmim.data.views import build_eval_dataset
-from cmim.eval.knn import extract_pooled, first_n
+from cmim.eval.datasets import evenly_spaced
+from cmim.eval.extract import extract_pooled
 from cmim.methods import method_specs
 from cmim.models import MaskedEncoder, build_encoder
 
@@ -161,10 +162,10 @@ def run(args: argparse.Namespace) -> int:
     for c in (cfg1, cfg2):  # data.mean/std=auto: the numbers before the random-init k-NN uses them
         resolve_auto_stats(c.data)
     mon = cfg2.monitor
-    sets = (first_n(build_eval_dataset(cfg2.data, cfg2.data.train_split),
-                    _subset(args.knn_train_subset, mon.train_subset)),
-            first_n(build_eval_dataset(cfg2.data, cfg2.data.eval_split),
-                    _subset(args.knn_test_subset, mon.test_subset)))
+    sets = (evenly_spaced(build_eval_dataset(cfg2.data, cfg2.data.train_split),
+                          _subset(args.knn_train_subset, mon.train_subset)),
+            evenly_spaced(build_eval_dataset(cfg2.data, cfg2.data.eval_split),
+                          _subset(args.knn_test_subset, mon.test_subset)))
     times: dict[str, float] = {}
     knn: dict[str, dict[str, float]] = {}
 

@@ -62,8 +62,8 @@ def draw_pictures(run_dir: Path, refresh: bool = False, overrides: list[str] | N
         return notes
     try:
         from cmim.eval.datasets import eval_dataset
-        from cmim.viz.cli import class_names, load_sources
         from cmim.viz.maps import pick_images, plot_attention, plot_patch_similarity
+        from cmim.viz.sources import class_names, load_sources
         from cmim.viz.tsne import plot_tsne
 
         ov = ["test_subset=1000", "train_subset=5000", *(overrides or [])]
@@ -233,7 +233,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("report", help="one self-contained HTML page for a run",
-                              description=__doc__.splitlines()[0])
+                              description=__doc__.splitlines()[0], intermixed=True)
     p.add_argument("run_dir", help=f"run folder (config.yaml, metrics.jsonl, {CHECKPOINT_FILE}, eval/, viz/)")
     p.add_argument("overrides", nargs="*", help="key=value eval-config overrides for drawn pictures")
     p.add_argument("--out", help="HTML path (default: RUN_DIR/report.html)")
@@ -242,6 +242,3 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-baselines", action="store_true",
                    help="do not run the raw-pixel k-NN / linear baselines missing beside the eval results")
     p.set_defaults(func=_run)
-    from cmim.eval.cli import allow_intermixed
-
-    allow_intermixed(p)

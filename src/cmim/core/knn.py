@@ -1,10 +1,11 @@
 """k-NN classification on frozen features (the DINO protocol: cosine similarity, the k nearest training
-samples vote with weight exp(sim / T)) and top-k accuracy, as pure functions of tensors."""
+samples vote with weight exp(sim / T)) and top-k accuracy (timm's), as pure functions of tensors."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.utils import accuracy
 from torch import Tensor
 
 __all__ = ["knn_accuracy", "knn_scores", "topk_accuracy"]
@@ -29,11 +30,10 @@ def knn_scores(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, *,
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) of class scores or logits (M, C) against labels (M,)."""
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    hit = top == labels.unsqueeze(1)
-    return {"top1": 100.0 * hit[:, 0].float().mean().item(),
-            "top5": 100.0 * hit.any(dim=1).float().mean().item()}
+    """Top-1 and top-5 accuracy (percent) of class scores or logits (M, C) against labels (M,); with fewer than
+    five classes, top-5 counts them all (``timm.utils.accuracy``)."""
+    top1, top5 = accuracy(scores, labels, topk=(1, 5))
+    return {"top1": top1.item(), "top5": top5.item()}
 
 
 def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor, *,

@@ -49,7 +49,7 @@ def recipe_source(recipe: str | os.PathLike, overrides: list[str] | None = None,
     torch.manual_seed(seed)
     enc = build_encoder(cfg.model, cfg.data.img_size, cfg.data.in_chans)
     text = Path(recipe).read_bytes() + "\n".join(overrides or []).encode()
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = OmegaConf.to_container(cfg.data, resolve=True, enum_to_str=True)
     return EncoderSource(enc.eval(), str(recipe), hashlib.sha256(text).hexdigest(), "recipe", "teacher",
                          str(cfg.method), dict(data), cfg, init=f"random-s{seed}")  # type: ignore[arg-type]
 

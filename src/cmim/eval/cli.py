@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from typing import Any
 
+from cmim.core.cli_args import is_override
 from cmim.eval.run import PROTOCOLS, open_source, run_eval, summary_line
+from cmim.models.stored_encoder import ENCODER_ROLES
 
-__all__ = ["add_parser", "allow_intermixed"]
+__all__ = ["add_parser"]
 
 _HELP = {
     "knn": "k-NN on frozen features (DINO: k=10/20/100/200, cosine, votes exp(sim/0.07)); cached features",
@@ -20,33 +21,9 @@ _HELP = {
 }
 
 
-def allow_intermixed(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Let ``key=value`` overrides come after options too (``cmim eval knn CKPT --random-init k=v``).
-
-    Plain argparse stops collecting a positional list at the first option and rejects what follows; the
-    intermixed parser does not. Sub-command parsers are called through ``parse_known_args``, so that is
-    routed to ``parse_known_intermixed_args`` (which itself calls ``parse_known_args``: hence the guard).
-    """
-    plain = parser.parse_known_args
-    busy = False
-
-    def parse_known_args(args=None, namespace=None):  # type: ignore[no-untyped-def]
-        nonlocal busy
-        if busy:
-            return plain(args, namespace)
-        busy = True
-        try:
-            return parser.parse_known_intermixed_args(args, namespace)
-        finally:
-            busy = False
-
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
-    return parser
-
-
 def _run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
-    if args.checkpoint is not None and "=" in args.checkpoint and not os.path.exists(args.checkpoint):
+    if args.checkpoint is not None and is_override(args.checkpoint):
         overrides.insert(0, args.checkpoint)  # no checkpoint given (a baseline): the first word is an override
         args.checkpoint = None
     if args.encoder:
@@ -78,12 +55,12 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("eval", help="evaluate an encoder: knn | linear | finetune", description=desc)
     sub = p.add_subparsers(dest="protocol", required=True)
     for name in PROTOCOLS:
-        q = sub.add_parser(name, help=_HELP[name], description=_HELP[name])
+        q = sub.add_parser(name, help=_HELP[name], description=_HELP[name], intermixed=True)
         q.add_argument("checkpoint", nargs="?", default=None,
                        help="cmim checkpoint (.pt) or file written by `cmim export` (none with --raw-pixels/--arch)")
         q.add_argument("overrides", nargs="*", help="key=value eval-config overrides (test_subset=2000)")
         q.add_argument("-c", "--config", help="eval recipe YAML")
-        q.add_argument("--encoder", choices=("teacher", "student"), help="which encoder (default: teacher)")
+        q.add_argument("--encoder", choices=ENCODER_ROLES, help="which encoder (default: teacher)")
         q.add_argument("--feature", help="pooled feature: mean (default) | cls | gridG (G x G mean-pooled cells)")
         q.add_argument("--random-init", action="store_true",
                        help="evaluate the same architecture with fresh weights (the baseline)")
@@ -98,4 +75,3 @@ def add_parser(subparsers: Any) -> None:
         q.add_argument("--out", help="result JSON (default: <checkpoint dir>/eval/<protocol>-...json)")
         q.add_argument("--no-cache", action="store_true", help="recompute features in a throw-away cache")
         q.set_defaults(func=_run)
-        allow_intermixed(q)

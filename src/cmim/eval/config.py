@@ -3,6 +3,11 @@
 Order of precedence: schema defaults <- the pre-training data config stored in the checkpoint (image size,
 channels, normalization, dataset) <- the eval recipe YAML (``_base_`` supported) <- ``key=value``
 overrides. So ``cmim eval knn CKPT`` with no recipe evaluates on the data the encoder was trained on.
+
+Closed choices are :class:`~cmim.core.choices.Choice` enums, checked by OmegaConf at merge (one line naming the
+key); the ones defined elsewhere (encoder role, device, precision, pooling, the fine-tuning variants) are
+imported from where they are defined. Each section's other checks sit beside its dataclass (``check``);
+:func:`validate_eval` calls them.
 """
 
 from __future__ import annotations
@@ -14,11 +19,42 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cmim.config import DataConfig, merge_config, validate_data_input
+from cmim.core.choices import Choice
+from cmim.core.distributed import DeviceChoice
 from cmim.core.errors import require
-from cmim.core.precision import PRECISIONS
-from cmim.models.encoder import is_pooled_feature
+from cmim.core.precision import Precision
+from cmim.eval.timm_model import HeadNorm, RelPosBias
+from cmim.models.encoder import GlobalPool, is_pooled_feature
+from cmim.models.stored_encoder import EncoderRole
 
-__all__ = ["EvalConfig", "FinetuneConfig", "KNNConfig", "LinearConfig", "load_eval_config", "validate_eval"]
+__all__ = ["EvalConfig", "FinetuneConfig", "Init", "KNNConfig", "LinearConfig", "LinearMode", "LinearOptimizer",
+           "load_eval_config", "validate_eval"]
+
+
+class Init(Choice):
+    """``init``: the encoder's weights."""
+
+    pretrained = "pretrained"
+    random = "random"  # same architecture, fresh weights: the baseline
+
+
+class LinearMode(Choice):
+    """``linear.mode``: "cached" features of centre crops | "reference" augmented images every step."""
+
+    cached = "cached"
+    reference = "reference"
+
+
+class LinearOptimizer(Choice):
+    """``linear.optimizer``: both timm optimizers."""
+
+    sgd = "sgd"  # SGD with momentum (MoCo v3)
+    lars = "lars"  # LARS (MAE)
+
+
+def _check_crop_scale(key: str, crop_scale: Any) -> None:
+    cs = list(crop_scale)
+    require(len(cs) == 2 and 0 < cs[0] <= cs[1] <= 1, f"{key}.crop_scale: need 0 < min <= max <= 1, got {cs}")
 
 
 @dataclass
@@ -26,15 +62,20 @@ class KNNConfig:
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # DINO; top1/top5 reported at k=20
     temperature: float = 0.07
 
+    @staticmethod
+    def check(knn: DictConfig) -> None:
+        require(len(knn.ks) > 0 and all(k >= 1 for k in knn.ks), "knn.ks: need positive k values")
+        require(knn.temperature > 0, "knn.temperature: must be positive")
+
 
 @dataclass
 class LinearConfig:
     # "cached": features of the centre crops computed once (on disk), then BN + linear trained on them: fast.
     # "reference": MoCo v3 / MAE; random-resized-crop + flip images through the frozen encoder every step.
-    mode: str = "cached"
+    mode: LinearMode = LinearMode.cached
     epochs: int = 90
     batch_size: int = 1024
-    optimizer: str = "sgd"  # "sgd" (momentum, MoCo v3) | "lars" (MAE); both timm optimizers
+    optimizer: LinearOptimizer = LinearOptimizer.sgd  # both timm optimizers
     lr: float | None = None  # absolute; None = blr * batch_size / 256
     blr: float = 3.0  # MoCo v3 ViT linear probe: lr 3 at batch 1024 (-> 12); MAE: 0.1 with LARS at 16384
     momentum: float = 0.9
@@ -44,6 +85,12 @@ class LinearConfig:
     bn: bool = True  # BatchNorm1d(affine=False) before the linear layer (MAE; MoCo v3's release has none)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # reference mode only
     hflip: float = 0.5
+
+    @staticmethod
+    def check(lin: DictConfig) -> None:
+        require(lin.epochs > 0 and lin.batch_size > 0, "linear.epochs/batch_size: must be positive")
+        require(lin.lr is None or lin.lr > 0, "linear.lr: must be positive or null")
+        _check_crop_scale("linear", lin.crop_scale)
 
 
 @dataclass
@@ -65,14 +112,14 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     drop_path: float = 0.1
-    pool: str = "avg"  # "avg": mean of patch tokens (BEiT/ConMIM/MAE) | "token": CLS
+    pool: GlobalPool = GlobalPool.avg  # "avg": mean of patch tokens (BEiT/ConMIM/MAE) | "token": CLS
     # "pretrained": every token through the pre-trained final norm, then pooled (the exported model as is) |
     # "fc_norm": BEiT/ConMIM/MAE: final norm dropped, pooled tokens through a fresh LayerNorm before the head
-    head_norm: str = "pretrained"
+    head_norm: HeadNorm = HeadNorm.pretrained
     # Beit encoders with a shared relative position bias: "shared": that one table, trained in the stem's
     # layer-decay group | "per_block": BEiT/ConMIM --rel_pos_bias: one table per block, each a copy of the
     # shared one, trained with its block's layer-decay scale (an encoder without a shared table: no change)
-    rel_pos_bias: str = "shared"
+    rel_pos_bias: RelPosBias = RelPosBias.shared
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_prob: float = 1.0
@@ -89,12 +136,27 @@ class FinetuneConfig:
     eval_every_epochs: int = 1  # 0: only at the end
     max_steps: int | None = None  # stop early (the schedule still spans all epochs): smoke runs and tests
 
+    @staticmethod
+    def check(ft: DictConfig) -> None:
+        require(ft.epochs > 0, "finetune.epochs: must be positive")
+        require(ft.steps is None or ft.steps > 0, "finetune.steps: must be positive or null")
+        require(ft.batch_size > 1, "finetune.batch_size: must be at least 2 (Mixup pairs samples)")
+        require(0.0 < ft.layer_decay <= 1.0, f"finetune.layer_decay: must be in (0, 1], got {ft.layer_decay}")
+        require(0.0 <= ft.drop_path < 1.0, "finetune.drop_path: must be in [0, 1)")
+        require(0.0 <= ft.smoothing < 1.0, "finetune.smoothing: must be in [0, 1)")
+        require(0.0 <= ft.reprob <= 1.0, "finetune.reprob: must be in [0, 1]")
+        require(ft.lr is None or ft.lr > 0, "finetune.lr: must be positive or null")
+        require(ft.max_steps is None or ft.max_steps > 0, "finetune.max_steps: must be positive or null")
+        _check_crop_scale("finetune", ft.crop_scale)
+
 
 @dataclass
 class EvalConfig:
-    encoder: str = "teacher"  # teacher (EMA) | student; exported files hold one encoder
-    feature: str = "mean"  # k-NN / linear: "mean" of patch tokens | "cls"
-    init: str = "pretrained"  # "pretrained" | "random": same architecture, fresh weights (the baseline)
+    encoder: EncoderRole = EncoderRole.teacher  # exported files hold one encoder
+    # k-NN / linear: "mean" of patch tokens | "cls" | "gridG" (an open set: is_pooled_feature); "pixels" for the
+    # raw-pixel baseline
+    feature: str = "mean"
+    init: Init = Init.pretrained
     data: DataConfig = field(default_factory=DataConfig)
     train_subset: int | None = None  # evenly spaced samples of the train split (None: all)
     # the few-labels setting: a class-balanced, seeded share of the train labels (0.01 = 1%) for k-NN, the linear
@@ -102,8 +164,8 @@ class EvalConfig:
     label_fraction: float | None = None
     test_subset: int | None = None
     batch_size: int = 256  # feature extraction / evaluation batch
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "bf16"  # "bf16" autocast | "fp32"
+    device: DeviceChoice = DeviceChoice.auto
+    precision: Precision = Precision.bf16
     seed: int = 0
     cache_dir: str | None = None  # feature cache; None: $CMIM_CACHE or ~/.cache/cmim/features
     out: str | None = None  # result JSON; None: <checkpoint dir>/eval/<protocol>-<dataset>-<encoder>-...json
@@ -111,45 +173,25 @@ class EvalConfig:
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """The top-level keys (the enums were checked at merge)."""
+        require(cfg.feature == "pixels" or is_pooled_feature(cfg.feature),
+                f"feature: must be mean, cls or gridG (e.g. grid2), got {cfg.feature!r}")
+        require(cfg.batch_size > 0, "batch_size: must be positive")
+        require(cfg.label_fraction is None or 0 < cfg.label_fraction <= 1,
+                f"label_fraction: must be in (0, 1] or null, got {cfg.label_fraction}")
+        for k in ("train_subset", "test_subset"):
+            require(cfg[k] is None or cfg[k] > 0, f"{k}: must be positive or null")
+
 
 def validate_eval(cfg: DictConfig) -> None:
-    """Relations between values; one line per problem, naming the key."""
-    d, lin, ft = cfg.data, cfg.linear, cfg.finetune
-    require(cfg.encoder in ("teacher", "student"), f"encoder: teacher or student, not {cfg.encoder!r}")
-    require(cfg.feature == "pixels" or is_pooled_feature(cfg.feature),
-             f"feature: must be mean, cls or gridG (e.g. grid2), got {cfg.feature!r}")
-    require(cfg.init in ("pretrained", "random"), f"init: must be pretrained or random, got {cfg.init!r}")
-    require(cfg.device in ("auto", "cpu", "cuda"), f"device: must be auto, cpu or cuda, got {cfg.device!r}")
-    require(cfg.precision in PRECISIONS, f"precision: must be bf16 or fp32, got {cfg.precision!r}")
-    require(cfg.batch_size > 0, "batch_size: must be positive")
-    require(cfg.label_fraction is None or 0 < cfg.label_fraction <= 1,
-             f"label_fraction: must be in (0, 1] or null, got {cfg.label_fraction}")
-    require(ft.steps is None or ft.steps > 0, "finetune.steps: must be positive or null")
-    for k in ("train_subset", "test_subset"):
-        require(cfg[k] is None or cfg[k] > 0, f"{k}: must be positive or null")
-    validate_data_input(d)  # val_fraction carried from the checkpoint: evals see its split
-    require(len(cfg.knn.ks) > 0 and all(k >= 1 for k in cfg.knn.ks), "knn.ks: need positive k values")
-    require(cfg.knn.temperature > 0, "knn.temperature: must be positive")
-    require(lin.mode in ("cached", "reference"), f"linear.mode: cached or reference, not {lin.mode!r}")
-    require(lin.optimizer in ("sgd", "lars"), f"linear.optimizer: sgd or lars, not {lin.optimizer!r}")
-    require(lin.epochs > 0 and lin.batch_size > 0, "linear.epochs/batch_size: must be positive")
-    require(lin.lr is None or lin.lr > 0, "linear.lr: must be positive or null")
-    require(ft.epochs > 0, "finetune.epochs: must be positive")
-    require(ft.batch_size > 1, "finetune.batch_size: must be at least 2 (Mixup pairs samples)")
-    require(ft.pool in ("avg", "token"), f"finetune.pool: must be avg or token, got {ft.pool!r}")
-    require(ft.head_norm in ("pretrained", "fc_norm"),
-             f"finetune.head_norm: must be pretrained or fc_norm, got {ft.head_norm!r}")
-    require(ft.rel_pos_bias in ("shared", "per_block"),
-             f"finetune.rel_pos_bias: must be shared or per_block, got {ft.rel_pos_bias!r}")
-    require(0.0 < ft.layer_decay <= 1.0, f"finetune.layer_decay: must be in (0, 1], got {ft.layer_decay}")
-    require(0.0 <= ft.drop_path < 1.0, "finetune.drop_path: must be in [0, 1)")
-    require(0.0 <= ft.smoothing < 1.0, "finetune.smoothing: must be in [0, 1)")
-    require(0.0 <= ft.reprob <= 1.0, "finetune.reprob: must be in [0, 1]")
-    require(ft.lr is None or ft.lr > 0, "finetune.lr: must be positive or null")
-    require(ft.max_steps is None or ft.max_steps > 0, "finetune.max_steps: must be positive or null")
-    for sec in (lin, ft):
-        cs = list(sec.crop_scale)
-        require(len(cs) == 2 and 0 < cs[0] <= cs[1] <= 1, f"crop_scale: need 0 < min <= max <= 1, got {cs}")
+    """Every section's checks; one line per problem, naming the key."""
+    EvalConfig.check(cfg)
+    validate_data_input(cfg.data)  # val_fraction carried from the checkpoint: evals see its split
+    KNNConfig.check(cfg.knn)
+    LinearConfig.check(cfg.linear)
+    FinetuneConfig.check(cfg.finetune)
 
 
 def load_eval_config(recipe: str | os.PathLike | dict[str, Any] | None = None,

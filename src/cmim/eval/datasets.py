@@ -17,11 +17,19 @@ from cmim.core.errors import ConfigError
 from cmim.data.base import needs_float_pixels
 from cmim.data.factory import build_base_dataset
 from cmim.data.views import build_eval_dataset
-from cmim.eval.knn import first_n
 from cmim.eval.loading import EncoderSource
 
-__all__ = ["TransformDataset", "base_train_dataset", "check_data_fits", "eval_dataset", "label_subset",
-           "num_classes_of", "seed_augmentation", "split_name"]
+__all__ = ["TransformDataset", "base_train_dataset", "check_data_fits", "eval_dataset", "evenly_spaced",
+           "label_subset", "num_classes_of", "seed_augmentation", "split_name"]
+
+
+def evenly_spaced(dataset: Dataset, n: int | None) -> Dataset:
+    """``n`` samples spread evenly over ``dataset`` (all of it for None or ``n >= len``): deterministic, and, unlike
+    the first ``n``, keeps the class mix of datasets stored class by class (sorted folders)."""
+    if n is None or n >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    step = len(dataset) / n  # type: ignore[arg-type]
+    return Subset(dataset, [int(i * step) for i in range(n)])
 
 
 def check_data_fits(src: EncoderSource, data: DictConfig) -> None:
@@ -44,7 +52,7 @@ def eval_dataset(cfg: DictConfig, part: str) -> Dataset:
         ds = build_eval_dataset(cfg.data, split_name(cfg, part))
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
-    return first_n(ds, cfg.train_subset if part == "train" else cfg.test_subset)
+    return evenly_spaced(ds, cfg.train_subset if part == "train" else cfg.test_subset)
 
 
 def base_train_dataset(cfg: DictConfig) -> Dataset:
@@ -58,7 +66,7 @@ def base_train_dataset(cfg: DictConfig) -> Dataset:
         ds = build_base_dataset(cfg.data, split_name(cfg, "train"))
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
-    sub = first_n(ds, cfg.train_subset)
+    sub = evenly_spaced(ds, cfg.train_subset)
     if cfg.label_fraction is None:
         return sub
     from cmim.eval.baselines import balanced_label_indices

@@ -4,7 +4,7 @@ SOURCE is whatever evaluation opens (a checkpoint, a ``cmim export`` file or Hub
 for fresh weights); the images are a folder (``--images DIR``, read by cmim's folder dataset: any mode,
 unreadable files skipped and listed) or any configured dataset (``-c RECIPE`` and ``key=value`` like ``cmim
 eval``). Every image gets the run's eval transform (resize, centre crop, normalization) and goes through the
-feature extractor that k-NN and the linear probe use (:func:`cmim.eval.knn.pooled_batches`).
+feature extractor that k-NN and the linear probe use (:func:`cmim.eval.extract.pooled_batches`).
 
 Output by OUT's suffix: ``.npy`` (+ ``.paths.txt``, ``.labels.npy`` with class folders, ``.json`` description),
 ``.safetensors`` (tensors ``embeddings`` and ``labels``; paths and classes as JSON metadata) or ``.parquet``
@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
+from cmim.core.cli_args import is_override
 from cmim.core.distributed import resolve_device
 from cmim.core.errors import ConfigError, first_line
 from cmim.core.io import atomic_path, atomic_write_text
@@ -40,8 +40,9 @@ from cmim.data.folder import ImageFolderDataset, folder_parts
 from cmim.data.skips import write_skip_list
 from cmim.data.views import build_eval_dataset
 from cmim.eval.datasets import check_data_fits, eval_dataset
-from cmim.eval.knn import pooled_batches
+from cmim.eval.extract import pooled_batches
 from cmim.eval.loading import EncoderSource
+from cmim.models.stored_encoder import ENCODER_ROLES
 
 __all__ = ["CHUNK_SIZE", "SUFFIXES", "ImageList", "add_parser", "embed", "image_list", "read_embeddings"]
 
@@ -51,7 +52,6 @@ SUFFIXES = (".npy", ".safetensors", ".parquet")
 CHUNK_SIZE = 4096  # images per resumable unit: minutes of work at most, a few MB on disk
 META_KEY = "cmim_embed"  # safetensors / parquet metadata key of the JSON description
 _VERSION = 1  # of the chunk files; a change makes old partial folders unusable (recomputed)
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 # --- the images ------------------------------------------------------------------------------------------
@@ -392,7 +392,7 @@ def embed(src: EncoderSource, cfg: DictConfig, out: str | os.PathLike, *, images
 # --- command line ---------------------------------------------------------------------------------------
 def _split_words(args: argparse.Namespace) -> tuple[str | None, str, list[str]]:
     """``[SOURCE] OUT [key=value ...]`` in any order with options: overrides are the words shaped key=value."""
-    overrides = [w for w in args.words if _OVERRIDE.match(w) and not os.path.exists(w)]
+    overrides = [w for w in args.words if is_override(w)]
     rest = [w for w in args.words if w not in overrides]
     want = 1 if args.arch else 2
     if len(rest) != want:
@@ -426,8 +426,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    from cmim.eval.cli import allow_intermixed
-
     desc = ("One pooled feature vector per image, with its relative path (and label, with class folders). The "
             "images get the run's eval transform (resize, centre crop, normalization). OUT's suffix picks the "
             "format: .npy (+ .paths.txt, .labels.npy, .json), .safetensors or .parquet (cmim[parquet]). Rows are "
@@ -436,7 +434,7 @@ def add_parser(subparsers: Any) -> None:
     usage = ("cmim embed SOURCE OUT [key=value ...] [options]\n"
              "       cmim embed --arch RECIPE OUT [key=value ...] [options]")
     p = subparsers.add_parser("embed", help="write one feature vector per image (.npy, .safetensors, .parquet)",
-                              description=desc, usage=usage)
+                              description=desc, usage=usage, intermixed=True)
     p.add_argument("words", nargs="+", metavar="SOURCE OUT key=value",
                    help="SOURCE: checkpoint.pt, exported .safetensors or Hub folder (omitted with --arch); OUT: "
                         "emb.npy | emb.safetensors | emb.parquet; key=value: eval-config overrides (data.*, "
@@ -446,7 +444,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("-c", "--config", help="eval recipe YAML (the dataset, when no --images)")
     p.add_argument("--split", help="the configured dataset's split to embed (default: data.eval_split)")
     p.add_argument("--feature", help="pooled feature: mean (default) | cls | gridG (G x G mean-pooled cells)")
-    p.add_argument("--encoder", choices=("teacher", "student"), help="checkpoints: which encoder (default: teacher)")
+    p.add_argument("--encoder", choices=ENCODER_ROLES, help="checkpoints: which encoder (default: teacher)")
     p.add_argument("--random-init", action="store_true", help="the same architecture with fresh weights")
     p.add_argument("--arch", metavar="RECIPE", help="no SOURCE: the encoder of this pre-training recipe, fresh "
                                                     "weights")
@@ -455,4 +453,3 @@ def add_parser(subparsers: Any) -> None:
                    help=f"images per resumable chunk in OUT.partial/ (default {CHUNK_SIZE})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
-    allow_intermixed(p)

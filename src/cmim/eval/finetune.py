@@ -32,9 +32,9 @@ from cmim.core.distributed import resolve_device
 from cmim.core.knn import topk_accuracy
 from cmim.core.precision import autocast
 from cmim.core.schedules import scaled_lr
-from cmim.data.augment import normalize
 from cmim.eval.datasets import TransformDataset, base_train_dataset, check_data_fits, eval_dataset, seed_augmentation
 from cmim.eval.loading import EncoderSource
+from cmim.eval.predict import eval_mode, predict
 from cmim.eval.timm_model import build_timm_model
 
 __all__ = ["build_finetune_model", "build_optimizer", "finetune", "peak_lr", "posterize_any_bits",
@@ -52,7 +52,7 @@ def build_finetune_model(src: EncoderSource, ft: Any, num_classes: int) -> nn.Mo
     the recipe's head norm and relative position tables (``finetune.head_norm``, ``finetune.rel_pos_bias``; see
     :mod:`cmim.eval.timm_model`)."""
     return build_timm_model(src, pretrained=True, head_norm=str(ft.head_norm),
-                            rel_pos_bias=str(ft.rel_pos_bias), num_classes=num_classes, global_pool=ft.pool,
+                            rel_pos_bias=str(ft.rel_pos_bias), num_classes=num_classes, global_pool=str(ft.pool),
                             drop_path_rate=float(ft.drop_path))
 
 
@@ -100,19 +100,13 @@ def train_transform(cfg: DictConfig) -> Any:
                             re_prob=float(ft.reprob), re_mode=str(ft.remode), re_count=int(ft.recount)))
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, cfg: DictConfig, device: torch.device) -> dict[str, float]:
-    model.eval()
-    loader = DataLoader(eval_dataset(cfg, "test"), batch_size=cfg.batch_size,
-                        num_workers=loader_workers(cfg.data.num_workers))
-    mixed_precision = autocast(device, cfg.precision)
-    logits, labels = [], []
-    for batch in loader:
-        x = normalize(batch["image"].to(device), list(cfg.data.mean), list(cfg.data.std))
-        with mixed_precision:
-            logits.append(model(x).float().cpu())
-        labels.append(batch["label"])
-    return topk_accuracy(torch.cat(logits), torch.cat(labels))
+    """Top-1/top-5 of ``model`` on the centre crops of the test split."""
+    with eval_mode(model):
+        logits, labels = predict(model, eval_dataset(cfg, "test"), mean=cfg.data.mean, std=cfg.data.std,
+                                 device=device, precision=cfg.precision, batch_size=cfg.batch_size,
+                                 num_workers=loader_workers(cfg.data.num_workers))
+    return topk_accuracy(logits, labels)
 
 
 def finetune(src: EncoderSource, cfg: DictConfig, num_classes: int) -> dict[str, Any]:

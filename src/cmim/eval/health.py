@@ -35,7 +35,7 @@ from cmim.core.errors import CheckpointError, ConfigError
 from cmim.core.health import embedding_health
 from cmim.data.views import build_eval_dataset
 from cmim.engine.callbacks import Callback
-from cmim.eval.knn import extract_features
+from cmim.eval.extract import extract_features
 
 if TYPE_CHECKING:
     from cmim.engine.trainer import Trainer

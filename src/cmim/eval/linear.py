@@ -28,9 +28,9 @@ from cmim.core.distributed import resolve_device
 from cmim.core.knn import topk_accuracy
 from cmim.core.precision import autocast
 from cmim.core.schedules import scaled_lr
-from cmim.data.augment import normalize
 from cmim.eval.datasets import TransformDataset, base_train_dataset, eval_dataset, seed_augmentation
 from cmim.eval.loading import EncoderSource
+from cmim.eval.predict import eval_mode, predict
 from cmim.models import MaskedEncoder
 
 __all__ = ["LinearProbe", "linear_on_features", "linear_reference", "quick_linear"]
@@ -164,18 +164,13 @@ def linear_reference(src: EncoderSource, cfg: DictConfig, num_classes: int) -> d
             "train_samples": len(train_ds)}
 
 
-@torch.no_grad()
 def _eval_images(enc: MaskedEncoder, head: nn.Module, cfg: DictConfig,
                  device: torch.device) -> dict[str, float]:
-    head.eval()
-    ds = eval_dataset(cfg, "test")
-    loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=loader_workers(cfg.data.num_workers))
-    mixed_precision = autocast(device, cfg.precision)
-    logits, labels = [], []
-    for batch in loader:
-        x = normalize(batch["image"].to(device), list(cfg.data.mean), list(cfg.data.std))
-        with mixed_precision:
-            feats = MaskedEncoder.pool(enc(x), cfg.feature).float()
-        logits.append(head(feats).float().cpu())
-        labels.append(batch["label"])
-    return topk_accuracy(torch.cat(logits), torch.cat(labels))
+    """Top-1/top-5 of the probe on the centre crops of the test split: the encoder's pooled features under autocast,
+    the head in full precision."""
+    with eval_mode(head):
+        logits, labels = predict(lambda x: MaskedEncoder.pool(enc(x), cfg.feature).float(), eval_dataset(cfg, "test"),
+                                 head=head, mean=cfg.data.mean, std=cfg.data.std, device=device,
+                                 precision=cfg.precision, batch_size=cfg.batch_size,
+                                 num_workers=loader_workers(cfg.data.num_workers))
+    return topk_accuracy(logits, labels)

@@ -4,8 +4,8 @@ teacher or student) or a ``.safetensors`` file written by ``cmim export``.
 Checkpoints are read without rebuilding the method: the encoder's weights are cut out of ``ckpt["model"]``
 by prefix and loaded into a fresh encoder built from ``ckpt["encoder"]``. That keeps evaluation independent
 of a method's other parts (MimCo's frozen teacher file, projectors, queues) and of how a method names its
-modules: every MaskedEncoder in a state dict is found by its ``<prefix>mask_token`` and
-``<prefix>backbone.patch_embed.proj.weight`` keys.
+modules: which encoder is cut out follows the one rule of :mod:`cmim.models.stored_encoder`, which MimCo's teacher
+loader follows too.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from cmim.config import ConfigError, from_yaml_string
 from cmim.core.errors import CheckpointError, first_line, load_error_detail
 from cmim.core.weights import is_safetensors, load_checkpoint, read_safetensors_meta, read_weights
+from cmim.methods import declared_encoder_prefixes
 from cmim.models import MaskedEncoder, build_encoder
+from cmim.models.stored_encoder import ENCODER_ROLES, encoder_prefixes, encoder_state_dict
+from cmim.models.stored_encoder import encoder_prefix as stored_encoder_prefix
 
 __all__ = [
     "EXPORT_META_KEY",
@@ -38,7 +41,6 @@ __all__ = [
 ]
 
 EXPORT_META_KEY = "cmim"  # safetensors metadata key holding the JSON description written by `cmim export`
-_MARK = "backbone.patch_embed.proj.weight"
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -83,44 +85,14 @@ class EncoderSource:
                 "timm_kwargs": self.encoder.timm_kwargs}
 
 
-def encoder_prefixes(state_dict: dict[str, Any]) -> list[str]:
-    """Prefixes of every MaskedEncoder stored in a method's state dict (e.g. ["student.", "teacher."])."""
-    found = [k[: -len(_MARK)] for k in state_dict if k.endswith(_MARK)]
-    return sorted(p for p in found if f"{p}mask_token" in state_dict)
-
-
-def _method_prefixes(method: str | None) -> dict[str, str] | None:
-    """Where the method keeps the encoder ``method.encoder(which)`` returns (its registry entry)."""
-    from cmim.methods import method_specs
-
-    spec = method_specs().get(method or "")
-    return dict(spec.encoder_prefixes) if spec is not None else None
-
-
 def encoder_prefix(state_dict: dict[str, Any], method: str | None, which: str) -> str:
-    """The state-dict prefix of the encoder ``method.encoder(which)`` returns."""
-    found = encoder_prefixes(state_dict)
-    if not found:
-        raise CheckpointError("no encoder found in the checkpoint's model state (no '*mask_token' + "
-                              "'*backbone.patch_embed.proj.weight' keys)")
-    table = _method_prefixes(method)
-    if table and table.get(which) in found:
-        return table[which]
-    for cand in (f"{which}.", "student."):
-        if cand in found:
-            return cand
-    if len(found) == 1:
-        return found[0]
-    raise CheckpointError(f"cannot tell which encoder is the {which!r} among {found}")
-
-
-def encoder_state_dict(state_dict: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
-    """The MaskedEncoder sub-dict (keys "backbone.*" and "mask_token") stored under ``prefix``."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    """The state-dict prefix of the encoder ``method.encoder(which)`` returns: the one rule
+    (:func:`cmim.models.stored_encoder.encoder_prefix`) with the method's declared prefixes."""
+    return stored_encoder_prefix(state_dict, which, declared_encoder_prefixes(method))
 
 
 def _data_summary(data: Any) -> dict[str, Any]:
-    d = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
+    d = OmegaConf.to_container(data, resolve=True, enum_to_str=True) if isinstance(data, DictConfig) else dict(data)
     return dict(d)  # type: ignore[arg-type]
 
 
@@ -202,8 +174,9 @@ HUB_WEIGHTS = "model.safetensors"  # the weights file of a Hub-style folder (tim
 def load_source(path: str | os.PathLike, which: str = "teacher") -> EncoderSource:
     """Open a checkpoint (``which`` = teacher | student), an exported ``.safetensors`` file or a Hub-style folder
     written by ``cmim export --format hub`` (its ``model.safetensors`` carries the same description)."""
-    if which not in ("teacher", "student"):
-        raise ConfigError(f"encoder: must be teacher or student, got {which!r}")
+    if which not in ENCODER_ROLES:
+        raise ConfigError(f"encoder: must be {' or '.join(ENCODER_ROLES)}, got {which!r}")
+    which = str(which)  # a config's enum member: its plain name from here on
     p = Path(path)
     if p.is_dir():
         if not (p / HUB_WEIGHTS).is_file():

@@ -24,7 +24,7 @@ from cmim.data.stats import resolve_auto_stats
 from cmim.eval.baselines import pixel_source, recipe_source
 from cmim.eval.config import load_eval_config
 from cmim.eval.datasets import label_subset, num_classes_of
-from cmim.eval.features import SKIPPED, cached_features
+from cmim.eval.feature_cache import SKIPPED, cached_features
 from cmim.eval.linear import linear_on_features, linear_reference
 from cmim.eval.loading import EncoderSource, load_source, random_init_like
 
@@ -61,13 +61,13 @@ def open_source(path: str | os.PathLike | None, recipe: str | os.PathLike | dict
         base = load_source(path).data if path is not None else None
         cfg = load_eval_config(recipe, [*(overrides or []), "feature=pixels", "init=random"], base_data=base)
         resolve_auto_stats(cfg.data)
-        return pixel_source(OmegaConf.to_container(cfg.data, resolve=True)), cfg  # type: ignore[arg-type]
+        return pixel_source(OmegaConf.to_container(cfg.data, resolve=True, enum_to_str=True)), cfg  # type: ignore[arg-type]
     if path is None and arch is None:
         raise ConfigError("give a checkpoint, --arch RECIPE (fresh weights) or --raw-pixels")
     if path is None:
         # a folder recipe leaves data.root to its user (`???`): the evaluation's folder completes it
         root = [o for o in overrides or [] if o.startswith("data.root=")][-1:]
-        data = OmegaConf.to_container(load_config(arch, root).data, resolve=True)
+        data = OmegaConf.to_container(load_config(arch, root).data, resolve=True, enum_to_str=True)
         cfg = load_eval_config(recipe, [*(overrides or []), "init=random"], base_data=data)  # type: ignore[arg-type]
         resolve_auto_stats(cfg.data)
         return recipe_source(arch, root, seed=cfg.seed), cfg  # type: ignore[arg-type]
@@ -161,7 +161,7 @@ def run_eval(protocol: str, src: EncoderSource, cfg: DictConfig, out: str | os.P
                     "in_chans": cfg.data.in_chans},
         "details": res["details"],
         "skipped_images": {s: len(SKIPPED.get(s, [])) for s in (cfg.data.train_split, cfg.data.eval_split)},
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "seconds": time.perf_counter() - t0,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -28,15 +28,32 @@ import timm
 import torch
 from torch import nn
 
+from cmim.core.choices import Choice
 from cmim.core.errors import CheckpointError, ConfigError
 from cmim.eval.loading import EncoderSource
 
-__all__ = ["HEAD_NORMS", "REL_POS_BIASES", "SHARED_TABLE", "build_timm_model", "finetune_variant"]
+__all__ = ["HEAD_NORMS", "REL_POS_BIASES", "SHARED_TABLE", "HeadNorm", "RelPosBias", "build_timm_model",
+           "finetune_variant"]
 
 log = logging.getLogger("cmim")
 
-HEAD_NORMS = ("pretrained", "fc_norm")
-REL_POS_BIASES = ("shared", "per_block")
+
+class HeadNorm(Choice):
+    """``finetune.head_norm``: see the module docstring."""
+
+    pretrained = "pretrained"
+    fc_norm = "fc_norm"
+
+
+class RelPosBias(Choice):
+    """``finetune.rel_pos_bias``: see the module docstring."""
+
+    shared = "shared"
+    per_block = "per_block"
+
+
+HEAD_NORMS = tuple(h.value for h in HeadNorm)
+REL_POS_BIASES = tuple(r.value for r in RelPosBias)
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 
 

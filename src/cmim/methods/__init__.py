@@ -56,9 +56,17 @@ def method_spec(name: str) -> MethodSpec:
     return specs[name]
 
 
+def declared_encoder_prefixes(method: str | None) -> dict[str, str] | None:
+    """Where the checkpoints of ``method`` keep each downstream encoder (its ``encoder_prefixes``); None for a
+    method this version does not know (the readers then go by the key names alone)."""
+    spec = method_specs().get(method or "")
+    return dict(spec.encoder_prefixes) if spec is not None else None
+
+
 def build_method(cfg: Any) -> Method:
     """Instantiate the method named by ``cfg.method``."""
     return method_spec(cfg.method).build(cfg)
 
 
-__all__ = ["Method", "MethodSpec", "MomentumMethod", "build_method", "method_spec", "method_specs"]
+__all__ = ["Method", "MethodSpec", "MomentumMethod", "build_method", "declared_encoder_prefixes", "method_spec",
+           "method_specs"]

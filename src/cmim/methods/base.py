@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cmim.core.choices import Choice
 from cmim.core.distributed import get_rank
 from cmim.core.schedules import cosine_schedule
 from cmim.data.augment import ViewSpec
@@ -31,15 +30,6 @@ from cmim.models import MaskedEncoder, build_encoder
 from cmim.models.init_from import init_encoder_from
 
 log = logging.getLogger("cmim")
-
-
-
-class EncoderRole(Choice):
-    """Which of a method's encoders (``monitor.encoder``): "teacher" (the EMA one where there is one, what
-    downstream use takes) | "student"."""
-
-    teacher = "teacher"
-    student = "student"
 
 
 class Method(nn.Module):

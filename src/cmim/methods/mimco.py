@@ -16,10 +16,16 @@ outputs or ``backbone`` tokens; ``mimco.patch_target`` can override it for the p
 With ``target=projector`` the teacher's projector, trained on CLS tokens, is applied in eval mode to every
 token. The heads end in a width equal to the chosen teacher target, so any teacher width fits the student.
 
-The teacher is frozen and always in eval mode; it is kept in the state dict (under ``contrastive_teacher.``)
-so that a checkpoint is self-contained, but it is never trained or EMA-updated. MimCo has no EMA: the
-trained model, and so the downstream encoder, is the student; ``encoder("teacher")`` and
-``encoder("student")`` both return it, ``encoder("contrastive_teacher")`` returns the frozen teacher.
+"Teacher" means three different things around MimCo; the code gives each its own name:
+
+- the *contrastive teacher*: the frozen model MimCo learns from (config ``mimco.teacher``, a file). It is
+  always in eval mode and kept in the state dict (under ``contrastive_teacher.``) so that a checkpoint is
+  self-contained, but it is never trained or EMA-updated; ``encoder("contrastive_teacher")`` returns it.
+- the *source encoder*: which encoder of the contrastive teacher's own cmim checkpoint is loaded (config
+  ``mimco.teacher_encoder``: that run's ``teacher`` or ``student``).
+- the *downstream role* ``"teacher"`` of every method (:data:`cmim.models.stored_encoder.ENCODER_ROLES`): the
+  encoder a run hands to evaluation and export. MimCo has no EMA, so the trained model, the student, fills
+  both roles: ``encoder("teacher")`` and ``encoder("student")`` return it.
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ from cmim.core.distributed import concat_all_gather, get_rank
 from cmim.core.errors import require
 from cmim.data.augment import PROFILES, ViewSpec
 from cmim.losses import info_nce, patch_contrastive_loss
-from cmim.methods import MethodSpec
+from cmim.methods import MethodSpec, declared_encoder_prefixes
 from cmim.methods.base import Method
 from cmim.models import MaskedEncoder, MLPHead
+from cmim.models.stored_encoder import ENCODER_ROLES
 from cmim.models.teachers import FORMATS, FrozenTeacher, TeacherError, check_fits, load_teacher
 
 
@@ -63,13 +70,15 @@ class MimCo(Method):
     name = "mimco"
 
     def __init__(self, cfg: Any, teacher: FrozenTeacher | None = None) -> None:
+        """``teacher``: the contrastive teacher itself (tests); None loads it from ``mimco.teacher``."""
         super().__init__(cfg)
         c = cfg.mimco
         if teacher is None:
             if c.teacher is None:
                 raise TeacherError("mimco.teacher: a teacher checkpoint is required for method=mimco")
-            teacher = load_teacher(c.teacher, c.teacher_format, c.teacher_encoder, c.teacher_timm_name,
-                                   dict(c.teacher_timm_kwargs or {}))
+            source_encoder = c.teacher_encoder  # which encoder of the teacher's own checkpoint
+            teacher = load_teacher(c.teacher, c.teacher_format, source_encoder, c.teacher_timm_name,
+                                   dict(c.teacher_timm_kwargs or {}), declared_prefixes=declared_encoder_prefixes)
         check_fits(teacher, self.student, cfg.data.in_chans)
         self.patch_target = c.patch_target or c.target
         self.image_target = c.target
@@ -91,13 +100,14 @@ class MimCo(Method):
         return t.projector_dim if target == "projector" else t.embed_dim  # type: ignore[return-value]
 
     def view_spec(self) -> ViewSpec:
-        # one crop (and flip) for both views, so teacher patch j and student patch j cover the same pixels
+        # one crop (and flip) for both views, so the contrastive teacher's patch j and the student's patch j cover
+        # the same pixels; the second view (the full one) goes to the contrastive teacher
         return ViewSpec(num_crops=1, profiles=["none", self.cfg.mimco.teacher_view], crop_of_view=[0, 0],
                         mask_generator=self.mask_generator())
 
     @torch.no_grad()
-    def teacher_targets(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher patch targets (B, N, D_p) and image targets (B, D_i) of the full view."""
+    def contrastive_targets(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The contrastive teacher's patch targets (B, N, D_p) and image targets (B, D_i) of the full view."""
         tokens = self.contrastive_teacher(images)
         projected = self.contrastive_teacher.project(tokens) if "projector" in (
             self.patch_target, self.image_target) else None
@@ -111,9 +121,9 @@ class MimCo(Method):
         return self.patch_head(tokens[:, 1:]), self.image_head(tokens[:, 0])
 
     def forward(self, views: list[Tensor], mask: Tensor | None = None) -> dict[str, Tensor]:
-        student_view, teacher_view = views
+        student_view, full_view = views
         assert mask is not None, "MimCo masks the student view"
-        patch_target, image_target = self.teacher_targets(teacher_view)
+        patch_target, image_target = self.contrastive_targets(full_view)
         patch_pred, image_pred = self.student_predictions(student_view, mask)
         loss_patch = patch_contrastive_loss(patch_pred, patch_target, mask, self.patch_temperature,
                                             self.patch_negatives)
@@ -124,7 +134,8 @@ class MimCo(Method):
         return {"loss": loss, "loss_patch": loss_patch.detach(), "loss_image": loss_image.detach()}
 
     def encoder(self, which: str = "teacher") -> MaskedEncoder:
-        """The student for "teacher" and "student" (the trained model); "contrastive_teacher": the frozen."""
+        """The student for both downstream roles, "teacher" and "student" (it is the trained model);
+        "contrastive_teacher": the frozen model MimCo learns from."""
         if which == "contrastive_teacher":
             return self.contrastive_teacher.encoder
         return self.student
@@ -137,7 +148,8 @@ def validate(cfg: Any) -> None:
     require(c.patch_target in (None, "projector", "backbone"),
             "mimco.patch_target: must be projector, backbone or null")
     require(c.head_layers >= 1, "mimco.head_layers: must be >= 1")
-    require(c.teacher_encoder in ("teacher", "student"), "mimco.teacher_encoder: must be teacher or student")
+    require(c.teacher_encoder in ENCODER_ROLES,
+            f"mimco.teacher_encoder: must be {' or '.join(ENCODER_ROLES)}, got {c.teacher_encoder!r}")
     require(c.patch_negatives in ("image", "batch"), "mimco.patch_negatives: must be image or batch")
     require(c.teacher_format in FORMATS,
             f"mimco.teacher_format: must be one of {', '.join(FORMATS)}, got {c.teacher_format!r}")
@@ -152,7 +164,7 @@ def validate(cfg: Any) -> None:
         require(Path(c.teacher).is_file(), f"mimco.teacher: file not found: {c.teacher}")
 
 
-# MimCo's own "teacher" is the frozen contrastive model it learns from, not a product of the run: downstream,
-# both names give the student (as MimCo.encoder does).
+# The contrastive teacher is an input of the run, not a product of it: both downstream roles are the student
+# (as MimCo.encoder says).
 SPEC = MethodSpec(name="mimco", config=MimCoConfig, build=MimCo, validate=validate,
                   encoder_prefixes={"teacher": "student.", "student": "student."})

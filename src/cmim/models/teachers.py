@@ -2,9 +2,11 @@
 
 Three formats are read (``fmt="auto"`` tells them apart):
 
-- ``cmim``: a checkpoint written by ``cmim pretrain`` (any method). ``which="teacher"`` takes the method's
-  EMA encoder (``teacher.*``) with its projector (``teacher_projector.*``) when the method has them, else the
-  student (methods without EMA, e.g. MimCo and SimMIM); ``which="student"`` always takes ``student.*``.
+- ``cmim``: a checkpoint written by ``cmim pretrain`` (any method). The encoder is the one evaluation would
+  take (the rule of :mod:`cmim.models.stored_encoder`): ``which="teacher"`` gives the method's EMA encoder
+  (``teacher.*``) when it has one, else the student (methods without EMA, e.g. MimCo and SimMIM);
+  ``which="student"`` the student. The encoder's projector (``<teacher|student>_projector.*``) comes with it
+  when the method has one.
 - ``mocov3``: the official MoCo v3 release (``main_moco.py`` checkpoints, e.g. ``vit-s-300ep.pth.tar``): the
   ViT under ``module.base_encoder.`` (the encoder the reference fine-tunes and probes), whose ``head`` is the
   projector. Its architecture is read from the weights; the head count cannot be, so it defaults to 12 (the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from cmim.core.errors import CheckpointError, TeacherError, first_line, load_err
 from cmim.core.weights import check_state_dict, read_weights
 from cmim.models.encoder import MaskedEncoder
 from cmim.models.heads import MLPHead
+from cmim.models.stored_encoder import ENCODER_ROLES, encoder_prefix, encoder_state_dict
 
 __all__ = ["FORMATS", "FrozenTeacher", "TeacherError", "load_teacher", "mlp_head_from_state_dict"]
 
@@ -161,27 +165,23 @@ def detect_format(obj: Any) -> str:
 
 
 # --- the three formats --------------------------------------------------------------------------------------
-def _from_cmim(ckpt: dict[str, Any], which: str, path: Path) -> FrozenTeacher:
+def _from_cmim(ckpt: dict[str, Any], which: str, path: Path, declared: Mapping[str, str] | None) -> FrozenTeacher:
     sd, meta = ckpt["model"], ckpt["encoder"]
     try:
         check_state_dict(sd, path)
+        prefix = encoder_prefix(sd, which, declared)
     except CheckpointError as e:
-        raise TeacherError(str(e)) from None
+        raise TeacherError(str(e)) from None  # load_teacher names the file
     if not isinstance(meta, dict) or not isinstance(meta.get("timm_name"), str) \
             or not isinstance(meta.get("timm_kwargs"), dict):
         raise TeacherError(f"{path} is not a cmim checkpoint ('encoder' needs a 'timm_name' string and a "
                            "'timm_kwargs' dict)")
-    prefix = which
-    if which == "teacher" and not any(k.startswith("teacher.") for k in sd):
-        prefix = "student"  # no EMA teacher: the student is the method's downstream encoder
-    enc_sd = _strip(sd, f"{prefix}.")
-    if not enc_sd:
-        raise TeacherError(f"{path}: no '{prefix}.' encoder in this {ckpt.get('method')} checkpoint")
+    role = prefix.removesuffix(".")
     encoder = _build(meta["timm_name"], meta["timm_kwargs"])
-    _load_strict(encoder, enc_sd, f"{path} ({prefix} encoder)")
-    proj_sd = _strip(sd, f"{prefix}_projector.")
+    _load_strict(encoder, encoder_state_dict(sd, prefix), f"{path} ({role} encoder)")
+    proj_sd = _strip(sd, f"{role}_projector.")  # a method keeps an encoder's projector beside it
     projector = mlp_head_from_state_dict(proj_sd) if proj_sd else None
-    return FrozenTeacher(encoder, projector, f"cmim {ckpt.get('method')} checkpoint {path} ({prefix})")
+    return FrozenTeacher(encoder, projector, f"cmim {ckpt.get('method')} checkpoint {path} ({role})")
 
 
 def _mocov3_vit_kwargs(sd: dict[str, Tensor], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -239,12 +239,16 @@ def _from_timm(obj: Any, timm_name: str | None, timm_kwargs: dict[str, Any], pat
 
 
 def load_teacher(path: str | os.PathLike, fmt: str = "auto", which: str = "teacher",
-                 timm_name: str | None = None, timm_kwargs: dict[str, Any] | None = None) -> FrozenTeacher:
-    """Load a frozen teacher from ``path`` (format ``fmt``, see the module docstring)."""
+                 timm_name: str | None = None, timm_kwargs: dict[str, Any] | None = None,
+                 declared_prefixes: Callable[[str | None], Mapping[str, str] | None] | None = None) -> FrozenTeacher:
+    """Load a frozen teacher from ``path`` (format ``fmt``, see the module docstring). ``which``: the encoder of a
+    cmim checkpoint to take; ``declared_prefixes``: method name -> where its checkpoints keep each encoder
+    (``cmim.methods.declared_encoder_prefixes``, which this layer cannot import), for the one rule of
+    :mod:`cmim.models.stored_encoder`."""
     if fmt not in FORMATS:
         raise TeacherError(f"unknown teacher format {fmt!r} (choose from {', '.join(FORMATS)})")
-    if which not in ("teacher", "student"):
-        raise TeacherError(f"teacher encoder must be 'teacher' or 'student', got {which!r}")
+    if which not in ENCODER_ROLES:
+        raise TeacherError(f"teacher encoder must be {' or '.join(map(repr, ENCODER_ROLES))}, got {which!r}")
     path = Path(path)
     obj = _read(path)
     kwargs = dict(timm_kwargs or {})
@@ -253,7 +257,9 @@ def load_teacher(path: str | os.PathLike, fmt: str = "auto", which: str = "teach
         if fmt == "cmim":
             if not _is_cmim(obj):
                 raise TeacherError(f"{path} is not a cmim checkpoint (needs 'model', 'encoder' and 'config')")
-            return _from_cmim(obj, which, path)
+            method = obj.get("method")
+            declared = declared_prefixes(method) if declared_prefixes is not None else None
+            return _from_cmim(obj, which, path, declared)
         if fmt == "mocov3":
             return _from_mocov3(obj, kwargs, path)
         return _from_timm(obj, timm_name, kwargs, path)

@@ -11,58 +11,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from cmim.config import ConfigError
-from cmim.eval.cli import allow_intermixed
+from cmim.core.cli_args import is_override
+from cmim.core.errors import ConfigError
 from cmim.eval.datasets import eval_dataset
-from cmim.eval.loading import EncoderSource, load_source, random_init_like
-from cmim.eval.run import open_source
+from cmim.viz.sources import class_names, load_sources
 
-__all__ = ["add_parser", "load_sources"]
-
-
-def source_label(src: EncoderSource) -> str:
-    if src.init != "pretrained":
-        return "random init"
-    run = Path(src.path).resolve().parent.name
-    return f"{src.method or 'encoder'} {src.which} ({run})"
-
-
-def _path_and_encoder(spec: str) -> tuple[str, str | None]:
-    """``PATH`` or ``PATH@teacher`` / ``PATH@student``: one panel per spec, so a run's two encoders can sit
-    side by side."""
-    path, sep, which = spec.rpartition("@")
-    if sep and which in ("teacher", "student"):
-        return path, which
-    return spec, None
-
-
-def load_sources(paths: list[str], recipe: str | None, overrides: list[str], random_init: bool,
-                 labels: list[str] | None = None) -> tuple[list[tuple[str, EncoderSource]], DictConfig]:
-    """Open every path with one eval config (taken from the first): [(label, source)], config."""
-    if not paths:
-        raise ConfigError("give at least one checkpoint")
-    specs = [_path_and_encoder(p) for p in paths]
-    first_over = [o for o in overrides if not o.startswith("init=")]
-    if specs[0][1]:
-        first_over.append(f"encoder={specs[0][1]}")
-    first, cfg = open_source(specs[0][0], recipe, first_over)
-    sources = [first] + [load_source(p, w or cfg.encoder) for p, w in specs[1:]]
-    if random_init:
-        sources = [random_init_like(first, cfg.seed)] + sources
-    names = [source_label(s) for s in sources]
-    if labels:
-        if len(labels) != len(sources):
-            raise ConfigError(f"--labels: {len(labels)} labels for {len(sources)} panels")
-        names = labels
-    return list(zip(names, sources)), cfg
+__all__ = ["add_parser"]
 
 
 def _split_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    paths = [a for a in args.inputs if "=" not in a]
-    overrides = [a for a in args.inputs if "=" in a]
-    return paths, overrides
+    overrides = [a for a in args.inputs if is_override(a)]
+    return [a for a in args.inputs if a not in overrides], overrides
 
 
 def _labels(args: argparse.Namespace) -> list[str] | None:
@@ -71,16 +30,6 @@ def _labels(args: argparse.Namespace) -> list[str] | None:
 
 def _default_out(path: str, name: str) -> Path:
     return Path(path).resolve().parent / "viz" / f"{name}.png"
-
-
-def class_names(cfg: DictConfig) -> list[str]:
-    """The eval split's class names (empty when the data has none or cannot be read)."""
-    from cmim.data.factory import build_base_dataset
-
-    try:
-        return list(build_base_dataset(cfg.data, str(cfg.data.eval_split)).classes)
-    except (ValueError, OSError):
-        return []
 
 
 def _tsne(args: argparse.Namespace) -> int:
@@ -141,7 +90,7 @@ def _curves(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-    q = sub.add_parser(name, help=help_text, description=help_text)
+    q = sub.add_parser(name, help=help_text, description=help_text, intermixed=True)
     q.add_argument("inputs", nargs="+", metavar="CHECKPOINT_OR_KEY=VALUE",
                    help="checkpoints / exported files (PATH@student for a run's student), and key=value "
                         "overrides of the eval config")
@@ -149,7 +98,7 @@ def _checkpoint_parser(sub: Any, name: str, help_text: str) -> argparse.Argument
     q.add_argument("--random-init", action="store_true", help="add the same architecture, fresh weights")
     q.add_argument("--labels", help="comma-separated panel names")
     q.add_argument("--out", help="PNG path (default: <checkpoint dir>/viz/<command>.png)")
-    return allow_intermixed(q)
+    return q
 
 
 def add_parser(subparsers: Any) -> None:

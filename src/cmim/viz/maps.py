@@ -5,8 +5,8 @@
   token among the image's other patches), so a trained encoder shows localized, object-shaped maps where a
   random one shows uniform or position-only structure.
 - CLS attention: the last block's attention weights from the CLS token to every patch, per head and averaged.
-  They are read from timm's own attention modules (non-fused path, hooked at ``attn_drop``), so ViT and
-  Beit (with its relative position bias) are both exact.
+  They are read by timm's ``AttentionExtract`` from the softmax of timm's own attention module (its explicit,
+  non-fused path), so ViT and Beit (with its relative position bias) are both exact.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import AttentionExtract
 from torch import Tensor
 
 from cmim.data.augment import normalize
@@ -71,20 +72,18 @@ def patch_similarity(src: EncoderSource, images_u8: Tensor, mean, std,
 def cls_attention(src: EncoderSource, images_u8: Tensor, mean, std) -> Tensor:
     """Last-block attention of the CLS token over the patches, (B, heads, gh, gw) (rows sum to 1 with CLS)."""
     enc = src.encoder.eval()
-    attn = enc.backbone.blocks[-1].attn
-    captured: list[Tensor] = []
-    hook = attn.attn_drop.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+    blocks = enc.backbone.blocks
+    attn = blocks[-1].attn
     fused = getattr(attn, "fused_attn", False)
-    attn.fused_attn = False  # the explicit softmax path, where the weights pass through attn_drop
+    attn.fused_attn = False  # traced on the explicit softmax path, where the weights are a node of the graph
     try:
+        # timm's extractor traces a copy of the backbone's graph (no hook is left on the encoder); the backbone's
+        # own forward is the encoder's unmasked one
+        extract = AttentionExtract(enc.backbone, names=[f"blocks.{len(blocks) - 1}.attn.softmax"])
         x = normalize(images_u8.to(next(enc.parameters()).device), mean, std)
-        enc(x)
+        w = next(iter(extract(x).values())).float()  # (B, H, 1+N, 1+N)
     finally:
         attn.fused_attn = fused
-        hook.remove()
-    if not captured:
-        raise RuntimeError(f"could not capture attention weights from {type(attn).__name__}")
-    w = captured[-1].float()  # (B, H, 1+N, 1+N)
     gh, gw = enc.grid_size
     return w[:, :, 0, -gh * gw:].reshape(w.shape[0], w.shape[1], gh, gw).cpu()
 

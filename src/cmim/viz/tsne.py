@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cmim.core.distributed import resolve_device
 from cmim.core.knn import knn_accuracy
-from cmim.eval.features import cached_features
+from cmim.eval.feature_cache import cached_features
 from cmim.eval.linear import linear_on_features
 from cmim.eval.loading import EncoderSource
 from cmim.viz.common import new_figure, save_figure

@@ -25,7 +25,7 @@ from cmim.core.weights import read_weights
 from cmim.data.skips import skipped_files
 from cmim.engine.memory import host_available_bytes
 from cmim.eval.datasets import check_data_fits, eval_dataset, split_name
-from cmim.eval.knn import extract_features, pixel_features
+from cmim.eval.extract import extract_features, pixel_features
 from cmim.eval.loading import EncoderSource
 
 __all__ = ["SKIPPED", "cache_dir", "cached_features"]
@@ -85,7 +85,7 @@ def cached_features(src: EncoderSource, cfg: DictConfig, part: str, feature: str
     if use_cache and path.is_file():
         try:
             blob = read_weights(path, what="feature cache")
-            if blob.get("key") == json.loads(json.dumps(key)):
+            if blob.get("key") == key:
                 SKIPPED[key["split"]] = list(blob.get("skipped", []))
                 return blob["features"], blob["labels"], True
         except Exception as e:  # noqa: BLE001 - a broken cache file is recomputed
