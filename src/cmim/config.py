@@ -117,6 +117,9 @@ class OptimConfig:
     fused: bool = True  # fused AdamW kernel where available (CPU and CUDA)
 
 
+STRATEGIES = ("ddp", "fsdp")  # train.strategy
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 300
@@ -139,6 +142,10 @@ class TrainConfig:
     # reference (MethodSpec.sync_bn): per process for ConMIM, over all processes for MoCo v3 and MimCo
     sync_bn: bool | None = None
     compile: bool = False  # torch.compile the method's forward
+    # multi-process runs (torchrun): "ddp" keeps a full copy of the state on every process; "fsdp" shards
+    # weights, gradients and AdamW moments (FSDP2, per block; cmim.engine.layout). A single process ignores it.
+    strategy: str = "ddp"
+    grad_checkpointing: bool = False  # recompute each encoder block's activations in backward (less memory)
     # CPU: glibc keeps freed memory for reuse instead of returning large blocks to the kernel, which saves the
     # page faults of re-allocating them every step (cmim.core.host_memory); resident memory stays at its peak
     keep_freed_memory: bool = True
@@ -269,15 +276,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 DATASETS = ("fashion-mnist", "folder", "synthetic", "cifar10", "cifar100")
 
 
+def data_root_problem(d: DictConfig) -> str | None:
+    """Why ``data.root`` cannot serve ``data.name`` (None when it can): synthetic images need none, and
+    Fashion-MNIST without one is downloaded."""
+    if d.name == "synthetic":
+        return None
+    if d.root is not None:
+        return None if Path(d.root).exists() else f"path does not exist: {d.root}"
+    return None if d.name == "fashion-mnist" else f"required for data.name={d.name}"
+
+
 def validate_data_input(d: DictConfig) -> None:
     """The data keys both pre-training and eval configs check: which dataset, where, its normalization, and
     what users feed as image folders."""
     require(d.name in DATASETS, f"data.name: unknown dataset {d.name!r}")
-    if d.name != "synthetic":
-        if d.root is not None:
-            require(Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
-        else:
-            require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
+    problem = data_root_problem(d)
+    require(problem is None, f"data.root: {problem}")
     require(d.in_chans >= 1, f"data.in_chans: must be >= 1, got {d.in_chans}")
     require(d.in_chans in (1, 3) or d.name in ("folder", "synthetic"),
             f"data.in_chans: {d.name} images have 1 or 3 channels; {d.in_chans} channels need data.name=folder")
@@ -362,6 +376,7 @@ def validate(cfg: DictConfig) -> None:
              f"train.batch_size: {t.batch_size} is not divisible by train.accum_steps {t.accum_steps}")
     require(t.precision in PRECISIONS, f"train.precision: must be bf16 or fp32, got {t.precision!r}")
     require(t.device in ("auto", "cpu", "cuda"), f"train.device: must be auto, cpu or cuda, got {t.device!r}")
+    require(t.strategy in STRATEGIES, f"train.strategy: must be one of {', '.join(STRATEGIES)}, got {t.strategy!r}")
     require(t.max_steps is None or t.max_steps > 0, "train.max_steps: must be positive or null")
     require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
     require(t.ckpt_every_steps >= 0 and t.log_every_steps > 0, "train.ckpt_every_steps/log_every_steps: invalid")

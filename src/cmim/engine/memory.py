@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from cmim.core.errors import TrainingError
 
@@ -43,6 +44,9 @@ log = logging.getLogger("cmim")
 #: above every point. Not calibrated on CUDA (the caching allocator adds fragmentation); there a step's
 #: OutOfMemoryError still ends in one line (:func:`out_of_memory_error`).
 TRANSIENT_FACTOR = 1.25
+
+#: AdamW keeps two tensors the size of each trained parameter (exp_avg, exp_avg_sq)
+ADAMW_STATES = 2
 
 _GB = 1e9
 PROBE_SIZES = (2, 3, 4)  # micro-batches of the probe
@@ -65,10 +69,15 @@ class StepMemory:
         return self.activations(b) + self.state + self.data_per_image * b * data_batches
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t``: the local shard of a sharded (FSDP) tensor, else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def saved_tensor_bytes(method: nn.Module, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any]) -> int:
     """Bytes of the distinct storages autograd saves for backward in one ``forward`` of ``batch`` (the step's
     views and method under its autocast; no backward)."""
-    own = {t.untyped_storage().data_ptr() for t in [*method.parameters(), *method.buffers()]}
+    own = {local_tensor(t).untyped_storage().data_ptr() for t in [*method.parameters(), *method.buffers()]}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -118,8 +127,10 @@ def estimate_step_memory(method: nn.Module, make_batch: Callable[[int], dict[str
     lin = max(0.0, d01 - q * (x0 + x1))
     const = max(0.0, s0 - lin * x0 - q * x0 * x0)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = sum(p.numel() * p.element_size() for p in params if p.grad is None)
-    state += sum(2 * p.numel() * 4 for p in params if not optimizer.state.get(p))  # exp_avg, exp_avg_sq
+    # this process's share: a sharded (FSDP) parameter's gradient and moments are sharded like it
+    state = sum(local_tensor(p).numel() * p.element_size() for p in params if p.grad is None)
+    state += sum(ADAMW_STATES * local_tensor(p).numel() * p.element_size() for p in params
+                 if not optimizer.state.get(p))
     return StepMemory(const, lin, q, float(state), data_per_image)
 
 
