@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from cmim.bench.data import data_pipeline
+from cmim.bench.memory import format_memory_table, memory_table
 from cmim.bench.peak import CPU_PEAK_SIZES, GPU_PEAK_SIZES, count_step_flops, matmul_peak
 from cmim.bench.step import StepRunner, count_host_syncs, profile_table
 from cmim.bench.timing import machine, sync, timeit
@@ -227,10 +228,24 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _print_result(res: dict[str, Any], table: str, json_out: str | None) -> None:
+    print(table)
+    line = json.dumps(res, sort_keys=True)
+    if json_out:
+        Path(json_out).write_text(line + "\n")
+    print(line)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, replaced = load_bench_config(args.config, list(args.overrides), args.teacher_recipe)
+    if args.memory:
+        if args.gpus < 1 or args.memory_batch < 1:
+            raise ConfigError("bench --memory: --gpus and --memory-batch must be >= 1")
+        res = memory_table(cfg, gpus=args.gpus, batch=args.memory_batch)
+        _print_result(res, format_memory_table(res), args.json_out)
+        return 0
     source = "jpeg" if replaced and args.data_source == "auto" else args.data_source
     try:
         res = run_bench(cfg, steps=args.steps, warmup=args.warmup, rounds=args.rounds, data_items=args.data_items,
@@ -245,11 +260,7 @@ def _run(args: argparse.Namespace) -> int:
     prof = res.pop("profile", None)
     if prof:
         print(prof)
-    print(format_table(res))
-    line = json.dumps(res, sort_keys=True)
-    if args.json_out:
-        Path(args.json_out).write_text(line + "\n")
-    print(line)
+    _print_result(res, format_table(res), args.json_out)
     return 0
 
 
@@ -280,4 +291,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     p.add_argument("--vs-eager", action="store_true",
                    help="with train.compile=true: time the eager step too, one round of each in turn")
+    p.add_argument("--memory", action="store_true",
+                   help="instead of timing: the memory per GPU of a ConMIM step for ViT-S/B/L/H/g (224 px, bf16) "
+                        "under DDP and FSDP, with and without activation checkpointing (computed, not measured)")
+    p.add_argument("--gpus", type=int, default=8, help="--memory: GPUs FSDP shards over (default 8)")
+    p.add_argument("--memory-batch", type=int, default=64, help="--memory: images per GPU (default 64)")
     p.set_defaults(func=_run)
