@@ -52,6 +52,7 @@ Reproduce the BENCHMARKS.md tables (2-core CPU, quiet machine; on a shared machi
 Profiles: add --threads 1 --profile 1. GPU (one H100/H200; see benchmarks/gpu_check.sh):
   cmim bench configs/conmim_vit_base_in1k.yaml train.batch_size=128 --steps 20 --rounds 3
   cmim bench configs/conmim_vit_small_in1k.yaml train.batch_size=256 --steps 20 --rounds 3
+Memory per GPU of ViT-S/B/L/H/g under DDP and FSDP (README "Scaling out"): cmim bench --memory [--gpus 8]
 Recipes whose data.root is not given run on procedural images (data pipeline: generated JPEG files); MimCo
 without mimco.teacher gets a random MoCo v3 teacher. The last output line is one JSON object.
 """

@@ -1,8 +1,9 @@
 """The method-agnostic pre-training loop.
 
-It builds the method named in the config, the data pipeline the method asks for (``method.view_spec()``),
-AdamW with per-iteration cosine schedule, bf16 autocast, gradient accumulation and clipping, DDP under
-torchrun, logging, callbacks (the online k-NN monitor is one) and atomic, exactly-resumable checkpoints.
+Its set-up (the method, the data pipeline the method asks for, DDP or FSDP under torchrun, AdamW with a
+per-iteration cosine schedule, the step with bf16 autocast, gradient accumulation and clipping) is
+:func:`cmim.engine.run.build_run`, which ``cmim bench`` times; the loop adds logging, callbacks (the online
+k-NN monitor is one) and atomic, exactly-resumable checkpoints.
 Nothing in it knows about a particular method: the method returns ``{"loss": ...}`` and updates its teachers
 in ``after_step``; nor about evaluation, which callbacks bring.
 
