@@ -96,3 +96,34 @@ def test_bench_vs_eager_needs_compile(tmp_path, capsys):
             "--rounds", "1", "--data-items", "0", "--no-peak", "--vs-eager"]
     assert main(argv) == 2
     assert "train.compile=true" in capsys.readouterr().err
+
+
+def test_device_memory_rule():
+    """FSDP divides weights, gradients and AdamW moments by the shards and adds the units in flight; the
+    batch-independent activations (autocast's weight copies) are DDP's only."""
+    from cmim.engine.memory import TRANSIENT_FACTOR, StepMemory, device_memory
+
+    acts = StepMemory(constant=100.0, linear=10.0, quadratic=1.0, state=0.0, data_per_image=0.0)
+    ddp = device_memory(1000, 500, 50, acts, 8)
+    fsdp = device_memory(1000, 500, 50, acts, 8, shards=4)
+    assert (ddp.weights, ddp.gradients, ddp.optimizer, ddp.gathered) == (6000, 4000, 8000, 0)
+    assert ddp.activations == TRANSIENT_FACTOR * (100 + 80 + 64)
+    assert (fsdp.weights, fsdp.gradients, fsdp.optimizer) == (1500, 1000, 2000)
+    assert fsdp.gathered == (2 * 2 + 4) * 50 and fsdp.activations == TRANSIENT_FACTOR * (80 + 64)
+    assert ddp.total == ddp.weights + ddp.gradients + ddp.optimizer + ddp.activations
+
+
+def test_memory_table_of_vit_small():
+    """bench --memory on one model: the EMA teacher is as large as what is trained, FSDP shards the state, and
+    activation checkpointing cuts the activations."""
+    from cmim.bench.memory import format_memory_table, memory_table
+    from cmim.config import load_config
+
+    res = memory_table(load_config(None, ["data.name=synthetic"]), gpus=4, batch=16, models=["ViT-S/16"])
+    row = res["rows"][0]
+    assert row["depth"] == 12 and row["trained_params"] == row["teacher_params"] > 30e6
+    m = row["memory"]
+    assert m["fsdp"]["weights"] == m["ddp"]["weights"] / 4 and m["fsdp"]["gathered"] > 0
+    assert m["ddp+ac"]["activations"] < m["ddp"]["activations"] / 1.5
+    assert m["fsdp+ac"]["total"] < m["fsdp"]["total"] < m["ddp"]["total"]
+    assert "| ViT-S/16 |" in format_memory_table(res)

@@ -167,8 +167,8 @@ def _one_step_loss(rank: int) -> float:
     from cmim.bench import synthetic_batches
     from cmim.config import load_config
     from cmim.data.augment import ViewMaker
+    from cmim.engine.run import build_optimizer
     from cmim.engine.step import TrainStep
-    from cmim.engine.trainer import build_optimizer
     from cmim.methods import build_method
 
     cfg = load_config(None, [*TINY, "method=conmim", "model.drop_path=0.5"])

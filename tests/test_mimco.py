@@ -16,7 +16,7 @@ from cmim.config import load_config
 from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 from cmim.core.weights import load_checkpoint
 from cmim.data.augment import ViewMaker, sample_photometric_params
-from cmim.engine.trainer import build_optimizer
+from cmim.engine.run import build_optimizer
 from cmim.losses import info_nce, patch_contrastive_loss
 from cmim.methods import build_method
 from cmim.methods.mimco import MimCo

@@ -15,8 +15,9 @@ from conftest import tiny_overrides
 from cmim.config import load_config
 from cmim.core.checkpoint_paths import CHECKPOINT_FILE
 from cmim.engine import memory
+from cmim.engine.run import build_optimizer
 from cmim.engine.step import optimizer_update
-from cmim.engine.trainer import Trainer, build_optimizer
+from cmim.engine.trainer import Trainer
 from cmim.methods import build_method
 from cmim.methods.conmim import ConMIM
 

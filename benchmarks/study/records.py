@@ -34,8 +34,10 @@ RUN_PATHS = ("train.out_dir", "data.root", "mimco.teacher", "data.cache_dir")
 FOLDER_ONLY = {"data.split_twins": True, "data.twin_cosine": 0.99, "data.cache_images": True,
                "data.cache_short_side": None}
 # Settings that joined cmim later still and, at these (default) values, change nothing anywhere: an 8-bit 1- or
-# 3-channel run (data.bit_depth=auto) from a random init (model.init_from=null).
-LATER_DEFAULTS = {"data.bit_depth": "auto", "model.init_from": None}
+# 3-channel run (data.bit_depth=auto) from a random init (model.init_from=null), DDP (a single process ignores
+# train.strategy), activations kept for backward (train.grad_checkpointing=false).
+LATER_DEFAULTS = {"data.bit_depth": "auto", "model.init_from": None, "train.strategy": "ddp",
+                  "train.grad_checkpointing": False}
 
 
 def read_json(path: Path) -> Any:

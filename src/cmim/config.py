@@ -20,16 +20,24 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cmim.core.checkpoint_paths import CheckpointFormat
-from cmim.core.distributed import DeviceChoice
+from cmim.core.distributed import DeviceChoice, Strategy
 from cmim.core.errors import ConfigError, require
 from cmim.core.precision import Precision
-from cmim.data.config import DataConfig, MaskConfig, validate_data, validate_data_input, validate_mask
+from cmim.data.config import (
+    DataConfig,
+    MaskConfig,
+    data_root_problem,
+    validate_data,
+    validate_data_input,
+    validate_mask,
+)
 from cmim.models.encoder import GlobalPool, ModelFamily, ModelSize, PosEmbed, WeightInit, is_pooled_feature
 from cmim.models.stored_encoder import EncoderRole
 
 __all__ = ["Config", "ConfigError", "DataConfig", "MaskConfig", "ModelConfig", "MonitorConfig", "OptimConfig",
-           "TrainConfig", "from_yaml_string", "load_config", "merge_config", "read_recipe", "to_yaml", "validate",
-           "validate_data_input", "validate_model", "validate_monitor", "validate_optim", "validate_train"]
+           "TrainConfig", "data_root_problem", "from_yaml_string", "load_config", "merge_config", "read_recipe",
+           "to_yaml", "validate", "validate_data_input", "validate_model", "validate_monitor", "validate_optim",
+           "validate_train"]
 
 
 @dataclass
@@ -91,6 +99,9 @@ class TrainConfig:
     accum_steps: int = 1
     precision: Precision = Precision.bf16  # "bf16" autocast | "fp32"
     device: DeviceChoice = DeviceChoice.auto  # auto | cpu | cuda
+    # multi-process runs (torchrun): ddp | fsdp (cmim.core.distributed.Strategy); a single process ignores it
+    strategy: Strategy = Strategy.ddp
+    grad_checkpointing: bool = False  # recompute each encoder block's activations in backward (less memory)
     seed: int = 0
     out_dir: str = "runs/conmim"
     # "auto": the run's newest checkpoint when there is one (cmim.engine.checkpoint.checkpointer); a checkpoint

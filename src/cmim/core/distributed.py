@@ -38,6 +38,14 @@ class DeviceChoice(Choice):
     cuda = "cuda"
 
 
+class Strategy(Choice):
+    """``train.strategy`` of multi-process runs: "ddp" keeps a full copy of the state on every process; "fsdp"
+    shards weights, gradients and AdamW moments (FSDP2, per block; cmim.engine.layout)."""
+
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
     """"auto" | "cpu" | "cuda" -> the device (cuda: this process's GPU, made current); ``key`` names the
     config value in the one-line error when CUDA is asked for and absent."""
@@ -51,6 +59,14 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") ->
     return torch.device("cpu")
 
 
+def _attempt_store(rank: int, world_size: int) -> dist.Store:
+    """torchrun's store (``env://``), with keys of this attempt only. A job restarted by torchrun
+    (``--max-restarts``) reuses its agent's store, where the lost attempt's keys (the processes' gloo addresses)
+    remain; a new process reading them before their owner rewrites them connects to a dead process."""
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+    return dist.PrefixStore(f"cmim/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(device_name: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun, with one process too (so that a 1-GPU torchrun run
     takes the DDP path that a multi-GPU one takes); a plain ``python``/``cmim`` launch is a single process."""
@@ -60,10 +76,11 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     device = resolve_device(device_name, local_rank)
     launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, one process or many
     if launched and not dist.is_initialized():
+        store = _attempt_store(rank, world_size)
         if device.type == "cuda":  # device_id: NCCL binds this GPU at once (no guessing in barrier())
-            dist.init_process_group(backend="nccl", rank=rank, world_size=world_size, device_id=device)
+            dist.init_process_group(backend="nccl", store=store, rank=rank, world_size=world_size, device_id=device)
         else:
-            dist.init_process_group(backend="gloo", rank=rank, world_size=world_size)
+            dist.init_process_group(backend="gloo", store=store, rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, device, group=launched)
 
 

@@ -19,7 +19,7 @@ from cmim.data.masking import MaskKind
 from cmim.data.splits import DEFAULT_TWIN_COSINE, HELD_OUT_SPLITS
 from cmim.data.views import Interpolation
 
-__all__ = ["DataConfig", "MaskConfig", "validate_data", "validate_data_input", "validate_mask"]
+__all__ = ["DataConfig", "MaskConfig", "data_root_problem", "validate_data", "validate_data_input", "validate_mask"]
 
 
 @dataclass
@@ -82,16 +82,22 @@ class MaskConfig:
     min_aspect: float = 0.3  # block: aspect ratio range [min_aspect, 1/min_aspect]
 
 
+def data_root_problem(d: Any) -> str | None:
+    """Why ``data.root`` cannot serve ``data.name`` (None when it can): synthetic images need none, Fashion-MNIST
+    has a default location, and shards may be a pattern or a URL (cmim.data.shards says what it cannot find)."""
+    if d.name == "synthetic":
+        return None
+    if d.root is not None:
+        return None if d.name == "shards" or Path(d.root).exists() else f"path does not exist: {d.root}"
+    return None if d.name == "fashion-mnist" else f"required for data.name={d.name}"
+
+
 def validate_data_input(d: Any) -> None:
     """The data keys both pre-training and eval configs check: which dataset, where, its normalization, and
     what users feed as image folders."""
     require(d.name in DATASETS, f"data.name: unknown dataset {d.name!r} (choose from {', '.join(DATASETS)})")
-    if d.name != "synthetic":
-        if d.root is not None:
-            # shards: data.root may be a pattern or a URL; cmim.data.shards says in one line what it cannot find
-            require(d.name == "shards" or Path(d.root).exists(), f"data.root: path does not exist: {d.root}")
-        else:
-            require(d.name == "fashion-mnist", f"data.root: required for data.name={d.name}")
+    problem = data_root_problem(d)
+    require(problem is None, f"data.root: {problem}")
     require(d.in_chans >= 1, f"data.in_chans: must be >= 1, got {d.in_chans}")
     require(d.in_chans in (1, 3) or d.name in ("folder", "synthetic"),
             f"data.in_chans: {d.name} images have 1 or 3 channels; {d.in_chans} channels need data.name=folder")

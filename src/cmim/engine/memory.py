@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from cmim.core.errors import TrainingError
 
@@ -43,6 +44,9 @@ log = logging.getLogger("cmim")
 #: above every point. Not calibrated on CUDA (the caching allocator adds fragmentation); there a step's
 #: OutOfMemoryError still ends in one line (:func:`out_of_memory_error`).
 TRANSIENT_FACTOR = 1.25
+
+#: AdamW keeps two tensors the size of each trained parameter (exp_avg, exp_avg_sq)
+ADAMW_STATES = 2
 
 _GB = 1e9
 PROBE_SIZES = (2, 3, 4)  # micro-batches of the probe
@@ -65,10 +69,15 @@ class StepMemory:
         return self.activations(b) + self.state + self.data_per_image * b * data_batches
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t``: the local shard of a sharded (FSDP) tensor, else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def saved_tensor_bytes(method: nn.Module, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any]) -> int:
     """Bytes of the distinct storages autograd saves for backward in one ``forward`` of ``batch`` (the step's
     views and method under its autocast; no backward)."""
-    own = {t.untyped_storage().data_ptr() for t in [*method.parameters(), *method.buffers()]}
+    own = {local_tensor(t).untyped_storage().data_ptr() for t in [*method.parameters(), *method.buffers()]}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -99,11 +108,10 @@ def _untouched(method: nn.Module, device: torch.device):
                     b.copy_(saved)
 
 
-def estimate_step_memory(method: nn.Module, make_batch: Callable[[int], dict[str, Any]],
-                         forward: Callable[[dict[str, Any]], Any], optimizer: torch.optim.Optimizer,
-                         device: torch.device) -> StepMemory:
+def fit_activations(method: nn.Module, make_batch: Callable[[int], dict[str, Any]],
+                    forward: Callable[[dict[str, Any]], Any], device: torch.device) -> StepMemory:
     """Measure the method's saved tensors on micro-batches of 2, 3 and 4 images (2: BatchNorm needs more than
-    one sample per channel in train mode) and fit ``c + l*b + q*b^2`` through the three points."""
+    one sample per channel in train mode) and fit ``c + l*b + q*b^2`` through the three points (no state)."""
     sizes = PROBE_SIZES
     host = make_batch(sizes[-1])
     data_per_image = sum(v.nbytes for v in host.values() if torch.is_tensor(v)) / sizes[-1]
@@ -117,10 +125,57 @@ def estimate_step_memory(method: nn.Module, make_batch: Callable[[int], dict[str
     q = max(0.0, (d12 - d01) / (x2 - x0))
     lin = max(0.0, d01 - q * (x0 + x1))
     const = max(0.0, s0 - lin * x0 - q * x0 * x0)
+    return StepMemory(const, lin, q, 0.0, data_per_image)
+
+
+def estimate_step_memory(method: nn.Module, make_batch: Callable[[int], dict[str, Any]],
+                         forward: Callable[[dict[str, Any]], Any], optimizer: torch.optim.Optimizer,
+                         device: torch.device) -> StepMemory:
+    """:func:`fit_activations` plus the gradients and AdamW moments not allocated yet (this process's share:
+    a sharded parameter's gradient and moments are sharded like it)."""
+    est = fit_activations(method, make_batch, forward, device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = sum(p.numel() * p.element_size() for p in params if p.grad is None)
-    state += sum(2 * p.numel() * 4 for p in params if not optimizer.state.get(p))  # exp_avg, exp_avg_sq
-    return StepMemory(const, lin, q, float(state), data_per_image)
+    state = sum(local_tensor(p).numel() * p.element_size() for p in params if p.grad is None)
+    state += sum(ADAMW_STATES * local_tensor(p).numel() * p.element_size() for p in params
+                 if not optimizer.state.get(p))
+    est.state = float(state)
+    return est
+
+
+@dataclass
+class DeviceMemory:
+    """Bytes per device of a training step, by kind (a planning estimate: :func:`device_memory`)."""
+
+    weights: float  # fp32 trained weights and EMA/frozen teachers
+    gradients: float
+    optimizer: float  # AdamW moments
+    gathered: float  # FSDP: units gathered for compute and gradients before their reduce-scatter
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.gathered + self.activations
+
+
+def device_memory(trained: int, frozen: int, largest_unit: int, acts: StepMemory, batch: int, *,
+                  shards: int = 1, compute_bytes: int = 2) -> DeviceMemory:
+    """Memory per device of a step on ``batch`` images per device, from parameter counts (``trained``: with
+    gradients and AdamW moments; ``frozen``: EMA or frozen teachers) and measured activations ``acts``.
+
+    ``shards`` > 1 (FSDP over that many devices): weights, gradients and moments are divided by it; the units
+    in flight are added (two ``largest_unit``s gathered in ``compute_bytes`` per value, the one at work and the
+    one prefetched, and one unit's fp32 gradients before their reduce-scatter), and the batch-independent
+    activations are left out: they are the compute copies of the weights autocast keeps for backward, which
+    FSDP frees after each unit's forward and gathers again for its backward."""
+    fp32 = 4
+    return DeviceMemory(
+        weights=fp32 * (trained + frozen) / shards,
+        gradients=fp32 * trained / shards,
+        optimizer=ADAMW_STATES * fp32 * trained / shards,
+        gathered=(2 * compute_bytes + fp32) * largest_unit if shards > 1 else 0.0,
+        activations=TRANSIENT_FACTOR * ((acts.constant if shards == 1 else 0.0) + acts.linear * batch
+                                        + acts.quadratic * batch * batch),
+    )
 
 
 def _cgroup_available() -> float | None:

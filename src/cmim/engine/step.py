@@ -2,7 +2,7 @@
 
 A step takes ``accum_steps`` loaded micro-batches and, for each, moves it to the device, turns the crops and
 drawn parameters into finished views (:class:`~cmim.data.augment.ViewMaker`, on the device), runs the method
-under autocast and back-propagates (under DDP's ``no_sync`` for all but the last micro-batch). Then it clips,
+under autocast and back-propagates (gradients reduced across processes on the last micro-batch only). Then it clips,
 steps AdamW unless the step is non-finite (decided on the device, no host sync), puts BatchNorm statistics
 back when it was, and calls the method's ``after_step`` (EMA teachers). Bookkeeping (logging, checkpoints,
 counting skipped steps) is the caller's.
@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from cmim.core.precision import autocast
 from cmim.data.augment import ViewMaker
@@ -53,6 +55,8 @@ def optimizer_update(optimizer: torch.optim.Optimizer, params: list[Tensor], cli
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad, foreach=True)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    if isinstance(grad_norm, DTensor):  # sharded gradients (FSDP): the global norm, replicated on every process
+        grad_norm = grad_norm.to_local()
     ok = torch.isfinite(grad_norm)
     if finite is not None:
         ok = ok & finite
@@ -102,15 +106,18 @@ class StepResult:
 class TrainStep:
     """The training step of ``method`` (see the module docstring).
 
-    ``model`` is what runs the forward: the method itself, its DDP wrapper, or a compiled one of either;
-    ``ddp`` the DDP wrapper when there is one (for ``no_sync``); ``all_processes`` turns this process's
-    "finite" flag into the flag of all processes (a device all-reduce), so that every process skips or none.
+    ``model`` is what runs the forward: the method itself (sharded or not), its DDP wrapper, or a compiled one
+    of either; ``no_sync`` a context in which backward does not reduce gradients (DDP's ``no_sync``, FSDP's
+    gradient sync turned off; :class:`cmim.engine.layout.Layout`), used for all but the last micro-batch;
+    ``all_processes`` turns this process's "finite" flag into the flag of all processes (a device
+    all-reduce), so that every process skips or none.
     """
 
     def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer, view_maker: ViewMaker,
                  device: torch.device, *, accum_steps: int = 1, precision: str = "bf16",
                  clip_grad: float | None = None, model: Callable[..., dict[str, Tensor]] | None = None,
-                 ddp: nn.Module | None = None, all_processes: Callable[[Tensor], Tensor] | None = None,
+                 no_sync: Callable[[], AbstractContextManager] | None = None,
+                 all_processes: Callable[[Tensor], Tensor] | None = None,
                  seed: int = 0, rank: int = 0, decoder: Callable[[dict[str, Any]], Tensor] | None = None) -> None:
         self.method = method
         self.optimizer = optimizer
@@ -119,7 +126,7 @@ class TrainStep:
         self.accum_steps = int(accum_steps)
         self.clip_grad = clip_grad
         self.model = model if model is not None else method  # not `or`: a compiled module has no __bool__
-        self.ddp = ddp
+        self.no_sync = no_sync
         self.all_processes = all_processes or (lambda flag: flag)
         self.autocast = autocast(device, precision)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -155,7 +162,7 @@ class TrainStep:
         for a in range(self.accum_steps):
             batch = to_device(next(batches), self.device)
             last = a == self.accum_steps - 1
-            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
+            sync = self.no_sync() if (self.no_sync is not None and not last) else contextlib.nullcontext()
             with sync:
                 out = self.forward(batch, model)
                 (out["loss"] / self.accum_steps).backward()

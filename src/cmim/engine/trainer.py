@@ -1,8 +1,9 @@
 """The method-agnostic pre-training loop.
 
-It builds the method named in the config, the data pipeline the method asks for (``method.view_spec()``),
-AdamW with per-iteration cosine schedule, bf16 autocast, gradient accumulation and clipping, DDP under
-torchrun, logging, callbacks (the online k-NN monitor is one) and atomic, exactly-resumable checkpoints.
+Its set-up (the method, the data pipeline the method asks for, DDP or FSDP under torchrun, AdamW with a
+per-iteration cosine schedule, the step with bf16 autocast, gradient accumulation and clipping) is
+:func:`cmim.engine.run.build_run`, which ``cmim bench`` times; the loop adds logging, callbacks (the online
+k-NN monitor is one) and atomic, exactly-resumable checkpoints.
 Nothing in it knows about a particular method: the method returns ``{"loss": ...}`` and updates its teachers
 in ``after_step``; nor about evaluation, which callbacks bring.
 
@@ -22,49 +23,45 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 from omegaconf import DictConfig
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cmim.config import to_yaml
 from cmim.core.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from cmim.core.errors import TrainingError
-from cmim.core.host_memory import keep_freed_memory
 from cmim.core.io import atomic_write_text
-from cmim.core.schedules import cosine_schedule, scaled_lr
-from cmim.data.augment import ViewMaker
-from cmim.data.decode import DeviceDecoder, collate_pretrain
+from cmim.data.decode import collate_pretrain
 from cmim.data.skips import all_reduce_skips, read_skip_list, skip_report, write_skip_list
 from cmim.data.stats import resolve_auto_stats
-from cmim.data.views import build_pretrain_dataset
 from cmim.engine.callbacks import Callback
 from cmim.engine.checkpoint import Checkpointer, RunState, run_state
+from cmim.engine.layout import gathered_encoder
 from cmim.engine.logger import MetricsLogger
 from cmim.engine.memory import check_batch_fits, out_of_memory_error
-from cmim.engine.sampler import GlobalBatchSampler
-from cmim.engine.step import StepResult, TrainStep
-from cmim.methods import Method, build_method, method_spec
-from cmim.models.sync_bn import convert_global_batchnorm
+from cmim.engine.run import all_processes, build_run
+from cmim.engine.step import StepResult
+from cmim.methods import Method
+from cmim.models import MaskedEncoder
 
 log = logging.getLogger("cmim")
 
 
-def peak_lr(cfg: DictConfig) -> float:
-    return scaled_lr(cfg.optim.lr, cfg.optim.blr, cfg.train.batch_size)
-
-
-def build_optimizer(method: Method, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
-    o = cfg.optim
-    groups = method.param_groups(o.weight_decay)
-    fused = bool(o.fused) and device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+def kill_for_test(step: int, rank: int) -> None:
+    """Fault-injection hook of the tests (``CMIM_TEST_KILL_AT_STEP``, ``CMIM_TEST_KILL_RANK``, default 1): the
+    process of that rank kills itself (SIGKILL: no clean-up, as a lost node) after that step, on the first
+    attempt of a torchrun job only, so that the restarted job runs through."""
+    at = os.environ.get("CMIM_TEST_KILL_AT_STEP")
+    if at is None or step != int(at) or rank != int(os.environ.get("CMIM_TEST_KILL_RANK", "1")):
+        return
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StepStats:
@@ -132,8 +129,6 @@ class Trainer:
         self.dist = dist_info or init_distributed(cfg.train.device)
         self.device = self.dist.device
         t = cfg.train
-        if t.keep_freed_memory and self.device.type == "cpu":
-            keep_freed_memory()
         self.out_dir = Path(t.out_dir)
         # data.mean/std=auto: the numbers, estimated once from the data, are what config.yaml and every checkpoint
         # hold (each process computes the same ones: a fixed sample, summed in the same order)
@@ -144,33 +139,14 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.yaml", to_yaml(cfg))
-        torch.manual_seed(t.seed)  # identical initial weights on every process
-        self.method = build_method(cfg).to(self.device)
-        spec = self.method.view_spec()
-        self.train_set = build_pretrain_dataset(cfg.data, cfg.data.train_split, spec, t.seed)
-        self.sampler = GlobalBatchSampler(len(self.train_set), t.batch_size, world_size=self.dist.world_size,
-                                          rank=self.dist.rank, accum_steps=t.accum_steps, seed=t.seed)
+        run = build_run(cfg, self.dist)
+        assert run.train_set is not None and run.sampler is not None
+        self.method, self.optimizer, self.layout = run.method, run.optimizer, run.layout
+        self.model: torch.nn.Module = run.layout.model
+        self.forward, self.view_maker, self.train_step = run.forward, run.view_maker, run.train_step
+        self.train_set, self.sampler, self.schedule = run.train_set, run.sampler, run.schedule
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.total_steps = t.epochs * self.steps_per_epoch
-        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        sync_bn = t.sync_bn if t.sync_bn is not None else method_spec(cfg.method).sync_bn
-        if self.dist.enabled and sync_bn:
-            self.method = convert_global_batchnorm(self.method, self.device.type)
-        self.optimizer = build_optimizer(self.method, cfg, self.device)
-        self.model: torch.nn.Module = self.method
-        if self.dist.enabled:
-            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
-            self.model = DDP(self.method, device_ids=ids)
-        self.forward = torch.compile(self.model) if t.compile else self.model
-        d = cfg.data
-        self.view_maker = ViewMaker(spec, d.mean, d.std, d.in_chans).to(self.device)
-        decoder = (DeviceDecoder(d.img_size, d.in_chans, self.device, self.train_set.decoded_item, d.interpolation)
-                   if d.decode == "device" else None)
-        self.train_step = TrainStep(self.method, self.optimizer, self.view_maker, self.device,
-                                    accum_steps=t.accum_steps, precision=t.precision, clip_grad=cfg.optim.clip_grad,
-                                    model=self.forward, ddp=self.model if self.dist.enabled else None,
-                                    all_processes=self._all_processes, seed=t.seed, rank=self.dist.rank,
-                                    decoder=decoder)
+        self.total_steps, self.warmup_steps = self.schedule.total_steps, self.schedule.warmup_steps
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -211,15 +187,12 @@ class Trainer:
                      self.step_in_epoch)
         return True
 
-    # --- robustness -------------------------------------------------------------------------------------
-    def _all_processes(self, flag: torch.Tensor) -> torch.Tensor:
-        """``flag`` on every process (a device all-reduce, no host sync): a step is skipped on all or none."""
-        if not self.dist.enabled:
-            return flag
-        x = flag.to(torch.float32)
-        tdist.all_reduce(x, op=tdist.ReduceOp.MIN)
-        return x > 0.5
+    def eval_encoder(self, which: str) -> MaskedEncoder | None:
+        """``method.encoder(which)`` as one module that rank 0 can evaluate alone (the online monitors). Every
+        process must call it: under FSDP it gathers the shards (rank 0 gets a copy, the others None)."""
+        return gathered_encoder(self.method.encoder(which), self.layout, self.dist.is_main)
 
+    # --- robustness -------------------------------------------------------------------------------------
     def _nonfinite_error(self, worst: int, last_saved: int | None) -> TrainingError:
         where = (f"the last good checkpoint is {self.checkpoint_path()} (step {last_saved})" if last_saved is not None
                  else "no checkpoint was written yet")
@@ -236,7 +209,7 @@ class Trainer:
             return collate_pretrain([self.train_set.decoded_item(i % len(self.train_set)) for i in range(n)])
 
         def reduce_min(x: float) -> float:
-            return float(self._all_processes(torch.tensor(x, device=self.device) > 0.5))
+            return float(all_processes(self.dist, torch.tensor(x, device=self.device) > 0.5))
 
         check_batch_fits(self.method, make_batch, lambda b: self.train_step.forward(b, self.method),
                          self.optimizer, self.device,
@@ -254,13 +227,12 @@ class Trainer:
                           generator=torch.Generator())  # keeps the global RNG untouched (exact resume)
 
     def train(self) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         resumed = self.maybe_resume()
         if t.check_memory and self.step < self.total_steps:
             self.check_memory()
         for cb in self.callbacks:
             cb.on_train_start(self, resumed)
-        base_lr = peak_lr(cfg)
         stop = False
         self.train_seconds = 0.0
         start_step = self.step
@@ -275,7 +247,7 @@ class Trainer:
                        disable=not (self.dist.is_main and t.progress), dynamic_ncols=True, leave=False)
             stats.new_window()
             while self.step_in_epoch < self.steps_per_epoch:
-                lr = cosine_schedule(self.step, self.total_steps, base_lr, cfg.optim.min_lr, self.warmup_steps)
+                lr = self.schedule(self.step)
                 try:
                     res = self.train_step((next(it) for _ in range(t.accum_steps)), self.step, self.total_steps, lr)
                 except torch.OutOfMemoryError:
@@ -305,6 +277,7 @@ class Trainer:
                 if save_now:
                     self.save_checkpoint()
                     last_saved = self.step
+                kill_for_test(self.step, self.dist.rank)
                 if stop or end_of_epoch:
                     break
             bar.close()
@@ -346,7 +319,7 @@ class Trainer:
             "checkpoint": str(self.checkpoint_path()),
             "skipped_images": len(skipped), "skipped_list": str(skip_file) if skipped else None,
             "nonfinite_steps": self.nonfinite_steps,
-            "world_size": self.dist.world_size, "ddp": self.dist.enabled,
+            "world_size": self.dist.world_size, "ddp": self.dist.enabled, "strategy": self.layout.strategy,
             **({"data_stats": self.data_stats} if self.data_stats is not None else {}),
         }
         if self.dist.is_main:

@@ -118,9 +118,11 @@ class HealthMonitor(Callback):
 
     def run(self, trainer: Trainer) -> None:
         cfg, mon = self.cfg, self.cfg.monitor
+        encoder = trainer.eval_encoder(mon.encoder)  # every process: a sharded encoder is gathered for rank 0
         if trainer.dist.is_main:
+            assert encoder is not None
             t0 = time.perf_counter()
-            feats, _ = extract_features(trainer.method.encoder(mon.encoder), self.dataset(), feature=mon.feature,
+            feats, _ = extract_features(encoder, self.dataset(), feature=mon.feature,
                                         mean=list(cfg.data.mean), std=list(cfg.data.std), device=trainer.device,
                                         batch_size=mon.batch_size, precision=cfg.train.precision)
             h = embedding_health(feats)

@@ -93,7 +93,9 @@ class KnnMonitor(Callback):
 
     def run(self, trainer: Trainer) -> None:
         cfg, mon = self.cfg, self.cfg.monitor
+        encoder = trainer.eval_encoder(mon.encoder)  # every process: a sharded encoder is gathered for rank 0
         if trainer.dist.is_main and self._labeled_sets() is not None:
+            assert encoder is not None
             assert self._sets is not None
             if mon.raw_pixels and self.pixel_knn is None:
                 t0 = time.perf_counter()
@@ -105,7 +107,7 @@ class KnnMonitor(Callback):
                     tqdm.write(f"[k-NN] raw pixels: top-1 {res['top1']:.2f}%{_linear_text(res)} (the baseline, "
                                f"k={mon.k})")
             t0 = time.perf_counter()
-            res = online_knn(trainer.method.encoder(mon.encoder), *self._sets, cfg, trainer.device)
+            res = online_knn(encoder, *self._sets, cfg, trainer.device)
             if res:
                 rec = {"epoch": trainer.epoch, "step": trainer.step, "knn_top1": res["top1"],
                        "knn_top5": res["top5"], "encoder": str(mon.encoder), "feature": mon.feature, "k": mon.k,

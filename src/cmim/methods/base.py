@@ -69,6 +69,10 @@ class Method(nn.Module):
     def encoder(self, which: str = "teacher") -> MaskedEncoder:
         return self.student
 
+    def check_layout(self) -> None:
+        """Called by the engine once the method is laid out over processes (sharded, for one): raise
+        ValueError when a rule of the method does not hold in that layout. Nothing to check by default."""
+
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Trainable parameters in two groups: with and without weight decay.
 
@@ -108,13 +112,27 @@ class MomentumMethod(Method):
             p.requires_grad_(False)
         return teacher
 
+    def check_layout(self) -> None:
+        """Each teacher tensor must be laid out exactly like its student's (same shape, and when sharded the same
+        placements and local shard): the EMA is then one local lerp per shard, with no communication."""
+        for s_mod, t_mod in self.ema_pairs:
+            for (name, s), t in zip(s_mod.named_parameters(), t_mod.parameters(), strict=True):
+                s_local = s.to_local() if hasattr(s, "to_local") else s
+                t_local = t.to_local() if hasattr(t, "to_local") else t
+                if s.shape != t.shape or getattr(s, "placements", None) != getattr(t, "placements", None) \
+                        or s_local.shape != t_local.shape:
+                    raise ValueError(f"{self.name}: the EMA teacher's {name} is laid out unlike the student's "
+                                     f"({getattr(t, 'placements', None)} {tuple(t_local.shape)} vs "
+                                     f"{getattr(s, 'placements', None)} {tuple(s_local.shape)})")
+
     def momentum_at(self, step: int, total_steps: int) -> float:
         return cosine_schedule(step, total_steps, self.momentum, self.momentum_final)
 
     @torch.no_grad()
     def ema_update(self, momentum: float, ok: Tensor | None = None) -> None:
         """t <- lerp(t, s, 1 - m). With ``ok`` (a device bool) the weight is (1 - m) * ok: a skipped step
-        (ok False) lerps by 0, which leaves t exactly as it is, and no host sync is needed to know it."""
+        (ok False) lerps by 0, which leaves t exactly as it is, and no host sync is needed to know it. Sharded
+        parameters (DTensors laid out alike, see :meth:`check_layout`) lerp shard by shard, locally."""
         # Parameter lists are gathered on every call: cheap next to the step, and always current after
         # modules are replaced (global BatchNorm conversion) or moved.
         s_params = [p.detach() for s_mod, _ in self.ema_pairs for p in s_mod.parameters()]
