@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # decoded folder images and split fingerprints go to a cache of the test session, not the user's
@@ -54,3 +55,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class Payload:
+    """Unpickling this runs ``touch <marker>``: what a malicious checkpoint does (the safety tests' payload)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def assert_same_tensors(a: dict, b: dict, atol: float = 0.0) -> None:
+    """Two state dicts hold the same tensors: bit-equal (``atol=0``) or within ``atol``."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())

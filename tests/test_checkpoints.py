@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import tiny_overrides
+from conftest import Payload, assert_same_tensors, tiny_overrides
 from torch.distributed.checkpoint.api import CheckpointException
 
 from cmim.cli import main
@@ -30,27 +30,11 @@ QUIET = ["monitor.every_epochs=0", "train.resume=auto"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Payload:
-    """Unpickling this runs ``touch <marker>``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
 
 def _run(tmp: Path, name: str, *extra: str) -> dict:
     return pretrain(load_config(CONMIM, tiny_overrides(tmp, *QUIET, f"train.out_dir={tmp / name}", *extra)))
 
 
-def _same(a: dict, b: dict, atol: float = 0.0) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if atol:
-            assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), k
-        else:
-            assert torch.equal(a[k], b[k]), k
 
 
 def _one_line(capsys) -> str:
@@ -106,7 +90,8 @@ def test_killed_dcp_save_leaves_the_previous_one_in_use(tmp_path, monkeypatch):
     assert torn.is_dir() and any(torn.iterdir()) and not (torn / DCP_METADATA).exists()
     s = _run(tmp_path, "killed", *args)
     assert s["steps"] == 8
-    _same(torch.load(straight["checkpoint"], weights_only=True)["model"], read_full(Path(s["checkpoint"]))["model"])
+    assert_same_tensors(torch.load(straight["checkpoint"], weights_only=True)["model"],
+                        read_full(Path(s["checkpoint"]))["model"])
     assert sorted(p.name for p in folder.iterdir()) == ["step_00000006", "step_00000007", "step_00000008"]
 
 
@@ -132,7 +117,7 @@ def test_dcp_from_two_processes_resumes_on_one_and_consolidates(tmp_path):
     trainer = Trainer(cfg)
     assert trainer.maybe_resume() and trainer.step == 3
     full = read_full(step3)
-    _same(full["model"], trainer.method.state_dict())
+    assert_same_tensors(full["model"], trainer.method.state_dict())
     names = {id(p): n for n, p in trainer.method.named_parameters()}
     for p, st in trainer.optimizer.state.items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -143,12 +128,12 @@ def test_dcp_from_two_processes_resumes_on_one_and_consolidates(tmp_path):
     losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (out, tmp_path /
                                                                                                      "one")]
     assert losses[1][-1] == pytest.approx(losses[0][3], abs=1e-5)
-    _same(read_full(step4)["model"], read_full(Path(s["checkpoint"]))["model"], atol=1e-5)
+    assert_same_tensors(read_full(step4)["model"], read_full(Path(s["checkpoint"]))["model"], atol=1e-5)
     # consolidation: one process, no process group, a file every reader takes
     assert main(["checkpoint", "consolidate", str(out), str(tmp_path / "c.pt")]) == 0
     ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2
-    _same(ckpt["model"], read_full(step4)["model"])
+    assert_same_tensors(ckpt["model"], read_full(step4)["model"])
     assert main(["eval", "knn", str(tmp_path / "c.pt"), "data.num_workers=0", "precision=fp32"]) == 0
 
 
@@ -222,5 +207,5 @@ def test_old_checkpoint_with_index_keyed_optimizer_resumes_exactly(tmp_path):
     torch.save(ckpt, split["checkpoint"])
     s = _run(tmp_path, "split", "model.drop_path=0.1")
     assert s["steps"] == 8
-    _same(torch.load(straight["checkpoint"], weights_only=True)["model"],
+    assert_same_tensors(torch.load(straight["checkpoint"], weights_only=True)["model"],
           torch.load(s["checkpoint"], weights_only=True)["model"])

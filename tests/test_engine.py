@@ -20,7 +20,7 @@ from cmim.train import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_overrides  # noqa: E402
+from conftest import assert_same_tensors, tiny_overrides  # noqa: E402
 
 QUIET = ["monitor.every_epochs=0", "train.resume=auto"]
 # in-process runs and CLI runs must start from the same recipe to be comparable
@@ -37,13 +37,6 @@ def _run(tmp: Path, name: str, *extra: str) -> Path:
     return out
 
 
-def _assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if atol == 0.0:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -54,7 +47,7 @@ def test_resume_is_exact(tmp_path, precision):
     ck = torch.load(tmp_path / "split" / CHECKPOINT_FILE, weights_only=True)
     assert (ck["step"], ck["epoch"], ck["step_in_epoch"]) == (3, 0, 3)
     _run(tmp_path, "split", f"train.precision={precision}", "model.drop_path=0.1")
-    _assert_same(_weights(straight), _weights(tmp_path / "split"))
+    assert_same_tensors(_weights(straight), _weights(tmp_path / "split"))
     opt_a = torch.load(straight / CHECKPOINT_FILE, weights_only=True)["optimizer"]
     opt_b = torch.load(tmp_path / "split" / CHECKPOINT_FILE, weights_only=True)["optimizer"]
     for k in opt_a["state"]:
@@ -82,7 +75,7 @@ def test_resume_after_kill(tmp_path):
     step_at_kill = torch.load(ckpt, weights_only=True)["step"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    _assert_same(_weights(straight), _weights(out))
+    assert_same_tensors(_weights(straight), _weights(out))
     assert step_at_kill >= 1
 
 
@@ -104,7 +97,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _weights(single), _weights(out)
-    _assert_same(a, b, atol=1e-5)
+    assert_same_tensors(a, b, atol=1e-5)
     losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (single, out)]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
     # the runs really trained: the student moved away from the (EMA-lagging) teacher

@@ -21,7 +21,7 @@ from cmim.train import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_overrides  # noqa: E402
+from conftest import assert_same_tensors, tiny_overrides  # noqa: E402
 
 RECIPE = REPO / "configs" / "conmim_fmnist_cpu.yaml"
 QUIET = ["monitor.every_epochs=0", "train.resume=auto"]
@@ -50,13 +50,6 @@ def _losses(run_dir: Path) -> list[float]:
             if json.loads(x)["kind"] == "train"]
 
 
-def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if atol == 0.0:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
 
 
 @pytest.mark.parametrize("method,extra", [
@@ -77,7 +70,7 @@ def test_fsdp_equals_one_process(tmp_path, method, extra):
     _torchrun(tmp_path, out, *common, "train.strategy=fsdp",
               *(["train.grad_checkpointing=true"] if method == "conmim" else []))
     a, b = _state(single), _state(out)
-    _assert_close(a["model"], b["model"], atol=1e-5)
+    assert_same_tensors(a["model"], b["model"], atol=1e-5)
     assert len(_losses(single)) == 3 and _losses(single) == pytest.approx(_losses(out), abs=1e-5)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["strategy"] == "fsdp" and summary["world_size"] == 2
@@ -101,7 +94,7 @@ def test_fsdp_accumulation_equals_ddp(tmp_path):
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun(tmp_path, ddp, *common, "train.strategy=ddp")
     _torchrun(tmp_path, fsdp, *common, "train.strategy=fsdp")
-    _assert_close(_state(ddp)["model"], _state(fsdp)["model"], atol=1e-6)
+    assert_same_tensors(_state(ddp)["model"], _state(fsdp)["model"], atol=1e-6)
     assert _losses(ddp) == pytest.approx(_losses(fsdp), abs=1e-6)
 
 
@@ -149,12 +142,12 @@ def test_rank_killed_mid_epoch_restarts_and_resumes(tmp_path, strategy):
     assert "resumed from" in r.stderr and "at step 2" in r.stderr, r.stderr[-3000:]
     a, b = _state(straight), _state(out)
     assert a["step"] == b["step"] == 8
-    _assert_close(a["model"], b["model"], atol=0.0)
+    assert_same_tensors(a["model"], b["model"], atol=0.0)
 
 
 RESTART_RACE = """
 import os, time, torch, torch.distributed as dist
-from cmim.core.distributed import init_distributed
+from cmim.core.distributed import cleanup, init_distributed
 attempt, rank = os.environ["TORCHELASTIC_RESTART_COUNT"], int(os.environ["RANK"])
 if attempt == "1" and rank == 0:
     time.sleep(3)  # rank 1 of the new attempt looks up rank 0's address first
@@ -164,6 +157,7 @@ dist.all_reduce(x)
 print(f"attempt {attempt} rank {rank} sum {x.item():.0f}", flush=True)
 if attempt == "0" and rank == 1:
     os._exit(1)
+cleanup()  # leave the group together (a process exiting with a live gloo group can abort)
 """
 
 

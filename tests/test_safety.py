@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import shutil
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import tiny_overrides
+from conftest import Payload, tiny_overrides
 
 from cmim.cli import main
 from cmim.config import load_config
@@ -30,15 +29,6 @@ QUIET = ["monitor.every_epochs=0", "train.resume=auto"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-class Payload:
-    """Unpickling this runs ``touch <marker>``: what a malicious checkpoint does."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def payload(path: Path, marker: Path) -> Path:
