@@ -95,7 +95,7 @@ def test_killed_dcp_save_leaves_the_previous_one_in_use(tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.iterdir()) == ["step_00000006", "step_00000007", "step_00000008"]
 
 
-def test_dcp_from_two_processes_resumes_on_one_and_consolidates(tmp_path):
+def test_dcp_from_two_processes_resumes_on_one_and_consolidates(tmp_path, capsys):
     """2 processes (torchrun, gloo, DDP) write DCP checkpoints at steps 3 and 4; one process resumes step 3 with
     exactly its state, and its step 4 matches the 2-process step 4 (loss and weights, 1e-5 as in
     test_engine's 2-process test); step 4 consolidates to a file that `cmim eval knn` reads."""
@@ -135,6 +135,10 @@ def test_dcp_from_two_processes_resumes_on_one_and_consolidates(tmp_path):
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2
     assert_same_tensors(ckpt["model"], read_full(step4)["model"])
     assert main(["eval", "knn", str(tmp_path / "c.pt"), "data.num_workers=0", "precision=fp32"]) == 0
+    # the run folder itself is not an eval source: one line that says how to make one
+    capsys.readouterr()
+    assert main(["eval", "knn", str(out), "data.num_workers=0"]) == 2
+    assert "cmim checkpoint consolidate" in _one_line(capsys)
 
 
 def _tiny_dcp(folder: Path, **extra) -> Path:

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cmim.config import ConfigError, from_yaml_string
+from cmim.core.checkpoint_paths import newest_dcp_checkpoint
 from cmim.core.errors import CheckpointError, first_line, load_error_detail
 from cmim.core.weights import is_safetensors, load_checkpoint, read_safetensors_meta, read_weights
 from cmim.methods import declared_encoder_prefixes
@@ -180,6 +181,9 @@ def load_source(path: str | os.PathLike, which: str = "teacher") -> EncoderSourc
     p = Path(path)
     if p.is_dir():
         if not (p / HUB_WEIGHTS).is_file():
+            if newest_dcp_checkpoint(p) is not None:  # a run of train.checkpoint_format=dcp, or one of its steps
+                raise CheckpointError(f"{p} holds sharded (DCP) checkpoints: make one file first with "
+                                      f"`cmim checkpoint consolidate {p} OUT.pt`, then give OUT.pt")
             raise CheckpointError(f"{p} is a folder without {HUB_WEIGHTS} (not written by `cmim export --format hub`)")
         return _load_export_source(p / HUB_WEIGHTS, folder=p)
     if not p.is_file():
