@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from cmim.cli import main
 from cmim.config import ConfigError, DataConfig, load_config
@@ -26,7 +26,7 @@ from cmim.data import ImageFolderDataset, SyntheticDataset, build_base_dataset
 from cmim.data.augment import ViewSpec
 from cmim.data.shards import ShardDataset, write_shards
 from cmim.data.shards import writer as shard_writer
-from cmim.data.skips import read_skip_list
+from cmim.data.skips import read_skip_list, skip_report
 from cmim.data.views import PretrainDataset
 from cmim.engine.sampler import GlobalBatchSampler
 
@@ -156,6 +156,9 @@ def test_unreadable_sample_in_a_shard_falls_through(shards, tmp_path):
     _, label = ds[2]
     assert ds.num_skipped == 1 and "#000000002" in ds.skipped_paths[0]
     assert np.array_equal(np.asarray(ds[2][0]), np.asarray(ds[3][0])) and label == ds.targets[3]
+    # the run's skip list (skipped.txt) names it with its reason, also through a view's wrappers
+    (name, why), = skip_report(Subset(ds, list(range(len(ds)))))
+    assert name == ds.skipped_paths[0] and why
 
 
 def test_a_missing_shard_is_an_error_not_a_skip(shards, tmp_path):

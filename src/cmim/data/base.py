@@ -14,15 +14,17 @@ items are divided by 255 by the view stage.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from cmim.core.choices import Choice
 
-__all__ = ["BaseImageDataset", "BitDepth", "DecodeMode", "EncodedJpeg", "ImageLike", "ImageView", "check_in_chans",
-           "needs_float_pixels"]
+__all__ = ["BaseImageDataset", "BitDepth", "DecodeMode", "EncodedJpeg", "ImageLike", "ImageView", "SkipRecord",
+           "check_in_chans", "find_base", "needs_float_pixels"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,65 @@ class ImageView(Dataset):
     samples in the same order, so skip accounting looks through it to ``base``."""
 
     base: BaseImageDataset
+
+
+class SkipRecord:
+    """What a dataset of files or samples that may be unreadable shares: a uint8 flag per sample (1: skipped) in
+    shared memory, set by whichever loader worker met it and merged over processes, so the run lists each
+    unreadable sample once (``skipped.txt``). Subclasses set ``_bad`` and say how a sample is named and why it
+    was skipped; listed before :class:`BaseImageDataset` in their bases, whose counts (none) it replaces."""
+
+    _bad: torch.Tensor
+
+    @property
+    def skip_flags(self) -> torch.Tensor:
+        """The uint8 flag per sample (1: unreadable) in shared memory, which multi-process runs merge."""
+        return self._bad
+
+    def skipped_indices(self) -> np.ndarray:
+        return torch.nonzero(self._bad).flatten().numpy()
+
+    def is_skipped(self, index: int) -> bool:
+        return bool(self._bad[index])
+
+    @property
+    def num_skipped(self) -> int:
+        return int(self._bad.sum())
+
+    @property
+    def skipped_paths(self) -> list[str]:
+        return [self.sample_name(i) for i in self.skipped_indices().tolist()]
+
+    def sample_name(self, index: int) -> str:
+        """How lists and warnings name sample ``index`` (a file's path)."""
+        raise NotImplementedError
+
+    def why_unreadable(self, index: int) -> str:
+        """The reason sample ``index`` is skipped, found again (the worker that met it kept no text)."""
+        raise NotImplementedError
+
+
+T = TypeVar("T")
+
+
+def find_base(dataset: Any, kind: type[T]) -> tuple[T, list[int] | None] | None:
+    """The dataset of type ``kind`` under any wrappers and the selection of it (None: all of it); None when there
+    is none. Wrappers are looked through by what they declare: an :class:`ImageView` has its base's samples, a
+    :meth:`BaseImageDataset.selection` or a torch ``Subset`` picks some of them."""
+    obj, indices = dataset, None
+    while not isinstance(obj, kind):
+        if isinstance(obj, ImageView):
+            obj = obj.base
+            continue
+        if isinstance(obj, Subset):
+            source, sel = obj.dataset, [int(i) for i in obj.indices]
+        elif isinstance(obj, BaseImageDataset) and (picked := obj.selection()) is not None:
+            source, sel = picked[0], picked[1].tolist()
+        else:
+            return None
+        indices = sel if indices is None else [sel[i] for i in indices]
+        obj = source
+    return obj, indices
 
 
 def check_in_chans(in_chans: int) -> int:

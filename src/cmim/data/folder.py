@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Subset
 
 from cmim.data.base import (
     BaseImageDataset,
@@ -27,8 +26,9 @@ from cmim.data.base import (
     DecodeMode,
     EncodedJpeg,
     ImageLike,
-    ImageView,
+    SkipRecord,
     check_in_chans,
+    find_base,
     needs_float_pixels,
 )
 from cmim.data.cache import DecodedCache
@@ -75,7 +75,7 @@ def _shared_record(root: str, max_pixels: int | None, paths: list[str]) -> _Skip
     return rec
 
 
-class ImageFolderDataset(BaseImageDataset):
+class ImageFolderDataset(SkipRecord, BaseImageDataset):
     """A tree of image files; class sub-folders (sorted) give labels, a flat folder gives labels -1.
 
     Unreadable files (empty, corrupt, truncated, not an image, over ``max_image_pixels``) never crash
@@ -204,16 +204,8 @@ class ImageFolderDataset(BaseImageDataset):
         index = int(index) % n
         return self.first_readable(((index + k) % n for k in range(n)), requested=index)
 
-    def skipped_indices(self) -> np.ndarray:
-        return torch.nonzero(self._bad).flatten().numpy()
-
-    def is_skipped(self, index: int) -> bool:
-        return bool(self._bad[index])
-
-    @property
-    def skip_flags(self) -> torch.Tensor:
-        """The uint8 flag per file (1: unreadable) in shared memory, which multi-process runs merge."""
-        return self._bad
+    def sample_name(self, index: int) -> str:
+        return self.paths[index]
 
     def why_unreadable(self, index: int) -> str:
         """The reason sample ``index`` is skipped, found again (the worker that met it kept no text)."""
@@ -223,34 +215,13 @@ class ImageFolderDataset(BaseImageDataset):
             return skip_reason(err)
         return "unreadable when first loaded (reads now; a transient I/O error?)"
 
-    @property
-    def num_skipped(self) -> int:
-        return int(self._bad.sum())
-
-    @property
-    def skipped_paths(self) -> list[str]:
-        return [self.paths[i] for i in self.skipped_indices().tolist()]
-
 
 def folder_parts(dataset: Any) -> tuple[ImageFolderDataset, list[int] | None] | None:
     """The folder under any wrappers and the selection of it (None: all of it); None when there is no folder.
 
     Wrappers are looked through by what they declare: an :class:`~cmim.data.base.ImageView` has its base's
     samples, a :meth:`~cmim.data.base.BaseImageDataset.selection` or a torch ``Subset`` picks some of them."""
-    obj, indices = dataset, None
-    while not isinstance(obj, ImageFolderDataset):
-        if isinstance(obj, ImageView):
-            obj = obj.base
-            continue
-        if isinstance(obj, Subset):
-            source, sel = obj.dataset, [int(i) for i in obj.indices]
-        elif isinstance(obj, BaseImageDataset) and (picked := obj.selection()) is not None:
-            source, sel = picked[0], picked[1].tolist()
-        else:
-            return None
-        indices = sel if indices is None else [sel[i] for i in indices]
-        obj = source
-    return obj, indices
+    return find_base(dataset, ImageFolderDataset)
 
 
 def check_folder_channels(dataset: Any, tries: int = 16) -> None:

@@ -1,5 +1,5 @@
-"""What a run skipped: the unreadable files of its folders (through any wrapper), merged over processes, with
-their reasons, and the ``skipped.txt`` list a run writes."""
+"""What a run skipped: the unreadable files of its folders and samples of its shards (through any wrapper),
+merged over processes, with their reasons, and the ``skipped.txt`` list a run writes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from cmim.core.io import atomic_write_text
-from cmim.data.folder import ImageFolderDataset, folder_parts
+from cmim.data.base import SkipRecord, find_base
+from cmim.data.folder import folder_parts
 
 __all__ = ["all_reduce_skips", "read_skip_list", "scan_unreadable", "skip_report", "skipped_files",
            "write_skip_list"]
@@ -31,10 +32,10 @@ def scan_unreadable(dataset: Any) -> list[str]:
     return sorted(set(bad))
 
 
-def _skipped(datasets: Sequence[Any]) -> dict[str, tuple[ImageFolderDataset, int]]:
-    found: dict[str, tuple[ImageFolderDataset, int]] = {}
+def _skipped(datasets: Sequence[Any]) -> dict[str, tuple[SkipRecord, int]]:
+    found: dict[str, tuple[SkipRecord, int]] = {}
     for ds in datasets:
-        parts = folder_parts(ds)
+        parts = find_base(ds, SkipRecord)
         if parts is None:
             continue
         base, sel = parts
@@ -42,7 +43,7 @@ def _skipped(datasets: Sequence[Any]) -> dict[str, tuple[ImageFolderDataset, int
         if sel is not None:
             bad = sorted(set(bad) & set(sel))
         for i in bad:
-            found.setdefault(base.paths[i], (base, i))
+            found.setdefault(base.sample_name(i), (base, i))
     return found
 
 
@@ -62,7 +63,7 @@ def all_reduce_skips(dataset: Any, device: torch.device | str = "cpu") -> None:
     processes), so the main process reports files that only another process met."""
     import torch.distributed as dist
 
-    parts = folder_parts(dataset)
+    parts = find_base(dataset, SkipRecord)
     if parts is None or not (dist.is_available() and dist.is_initialized()):
         return
     flags = parts[0].skip_flags

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from cmim.core.errors import ConfigError
-from cmim.data.base import BaseImageDataset
+from cmim.data.base import BaseImageDataset, SkipRecord
 from cmim.data.cache import default_cache_dir
 from cmim.data.folder import skip_reason
 from cmim.data.images import DEFAULT_BACKGROUND, DEFAULT_MAX_IMAGE_PIXELS, convert_mode, open_checked
@@ -68,7 +68,7 @@ def _pread(path: str, offset: int, size: int) -> bytes:
     return data
 
 
-class ShardDataset(BaseImageDataset):
+class ShardDataset(SkipRecord, BaseImageDataset):
     """Items ``(PIL image, label)`` from tar shards (see the module doc). ``counts[k]`` samples in shard
     ``sources[k]``; ``labels`` for all samples in order; ``sizes``/``sha256`` (per shard, None: unknown) check
     downloads."""
@@ -169,13 +169,15 @@ class ShardDataset(BaseImageDataset):
                 return img, int(self.targets[i])
         raise RuntimeError(f"no readable sample left in the shards {self.sources[0]}...")
 
-    @property
-    def num_skipped(self) -> int:
-        return int(self._bad.sum())
+    def sample_name(self, index: int) -> str:
+        return self.name(index)
 
-    @property
-    def skipped_paths(self) -> list[str]:
-        return [self.name(i) for i in torch.nonzero(self._bad).flatten().tolist()]
+    def why_unreadable(self, index: int) -> str:
+        try:
+            self._decode(self.member(index))
+        except Exception as err:  # noqa: BLE001 - the reason is the message
+            return skip_reason(err)
+        return "unreadable when first loaded (reads now; a transient I/O error?)"
 
 
 def _local(spec: str) -> str:
