@@ -75,3 +75,10 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 0.0) -> None:
             assert torch.equal(a[k], b[k]), k
         else:
             assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+def minimal_recipe(tmp_path: Path) -> str:
+    """A recipe that names only the method: every other value is the schema's default or an override."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("method: conmim\n")
+    return str(path)

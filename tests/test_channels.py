@@ -14,7 +14,7 @@ import pytest
 import tifffile
 import torch
 import torchvision.transforms.v2.functional as TF
-from conftest import tiny_overrides
+from conftest import minimal_recipe, tiny_overrides
 from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
@@ -168,7 +168,7 @@ def test_channel_mismatch_is_one_line_and_rgba_still_composited(tmp_path: Path) 
 def test_cli_channel_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_band_folder(tmp_path / "bands" / "train", 2)
     over = tiny_overrides(tmp_path, "data.name=folder", f"data.root={tmp_path / 'bands'}")  # in_chans=3
-    assert main(["pretrain", _recipe(tmp_path), *over]) == 2
+    assert main(["pretrain", minimal_recipe(tmp_path), *over]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("cmim: error:") and "has 5 channels" in err[0]
     assert "set data.in_chans=5" in err[0]
@@ -264,12 +264,6 @@ def test_mean_std_auto_matches_numpy(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _recipe(tmp_path: Path) -> str:
-    path = tmp_path / "recipe.yaml"
-    path.write_text("method: conmim\n")
-    return str(path)
-
-
 def test_pretrain_conmim_on_5band_tiffs_then_eval_knn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "bands"
     write_band_folder(root, 8)
@@ -277,7 +271,7 @@ def test_pretrain_conmim_on_5band_tiffs_then_eval_knn(tmp_path: Path, capsys: py
                           "data.mean=auto", "data.std=auto", "data.val_fraction=0.25", "data.eval_split=val",
                           "data.num_workers=2", "train.epochs=1", "train.batch_size=4", "monitor.health_images=8",
                           "data.split_twins=false")  # each class's bands are one picture: twins
-    assert main(["pretrain", _recipe(tmp_path), *over]) == 0
+    assert main(["pretrain", minimal_recipe(tmp_path), *over]) == 0
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] >= 2 and summary["skipped_images"] == 0
@@ -309,7 +303,7 @@ def test_pretrain_mocov3_on_12bit_pngs_unlabeled(tmp_path: Path, capsys: pytest.
     over = tiny_overrides(tmp_path, "method=mocov3", "data.name=folder", f"data.root={root}", "data.train_split=.",
                           "data.in_chans=1", "data.bit_depth=full", "data.mean=auto", "data.std=auto",
                           "data.num_workers=2", "train.epochs=1", "train.batch_size=4", "monitor.health_images=6")
-    assert main(["pretrain", _recipe(tmp_path), *over]) == 0
+    assert main(["pretrain", minimal_recipe(tmp_path), *over]) == 0
     out = capsys.readouterr().out
     assert out.count("[k-NN] not measured") == 1 and "[health] epoch 1 step 2" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

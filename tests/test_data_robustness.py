@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import minimal_recipe, tiny_overrides
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -285,12 +285,6 @@ def test_config_split_names_with_val_fraction(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _recipe(tmp_path: Path) -> str:
-    path = tmp_path / "recipe.yaml"
-    path.write_text("method: conmim\n")
-    return str(path)
-
-
 def test_pretrain_lists_two_unreadable_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "imgs"
     write_labeled_folder(root / "train", 15)  # 30 good + 2 bad = 32 = two full batches of 16 per epoch
@@ -298,7 +292,7 @@ def test_pretrain_lists_two_unreadable_images(tmp_path: Path, capsys: pytest.Cap
     (root / "train" / "right" / "notes.jpg").write_text("not a JPEG\n")
     over = tiny_overrides(tmp_path, "data.name=folder", f"data.root={root}", "data.train_split=train",
                           "data.num_workers=2", "monitor.every_epochs=0", "train.epochs=2")
-    assert main(["pretrain", _recipe(tmp_path), *over]) == 0
+    assert main(["pretrain", minimal_recipe(tmp_path), *over]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
@@ -317,7 +311,7 @@ def test_val_fraction_pretrain_monitor_and_eval_knn(tmp_path: Path, capsys: pyte
     over = tiny_overrides(tmp_path, "data.name=folder", f"data.root={root}", "data.val_fraction=0.25",
                           "data.eval_split=val", "train.epochs=1", "train.batch_size=8",
                           "data.split_twins=false")  # the plain hash rule (twins: tests/test_splits.py)
-    assert main(["pretrain", _recipe(tmp_path), *over]) == 0
+    assert main(["pretrain", minimal_recipe(tmp_path), *over]) == 0
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["skipped_images"] == 0 and not (run / "skipped.txt").exists()

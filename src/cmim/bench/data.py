@@ -69,7 +69,7 @@ def data_pipeline(cfg: DictConfig, spec: Any, items: int, source: str,
     elif base is None:
         base = SyntheticDataset(max(items, 1), max(2, d.synthetic_classes), d.img_size, d.in_chans)
         label = "procedural (rendered per item)"
-    decode = decode or str(getattr(d, "decode", "cpu"))
+    decode = decode or str(d.decode)
     on_device = decode == "device" and isinstance(base, ImageFolderDataset)
     if on_device:
         base = base.with_decode_mode(DecodeMode.device)

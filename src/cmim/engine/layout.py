@@ -41,8 +41,7 @@ from cmim.core.precision import resolve_precision
 from cmim.methods import Method
 from cmim.models import MaskedEncoder, MLPHead
 
-__all__ = ["Layout", "enable_grad_checkpointing", "full_state", "gathered_encoder", "lay_out",
-           "load_full_state"]
+__all__ = ["Layout", "enable_grad_checkpointing", "gathered_encoder", "lay_out"]
 
 
 @dataclass
@@ -119,44 +118,7 @@ def lay_out(method: Method, dist: DistInfo, strategy: str, precision: str) -> La
     return Layout(ddp, "ddp", ddp.no_sync)
 
 
-# --- whole state of a sharded method ---------------------------------------------------------------------
-# The single-file checkpoint holds full (unsharded) tensors. Under FSDP they are gathered to rank 0's CPU with
-# torch's distributed state-dict API (the optimizer state is then keyed by parameter name); unsharded runs keep
-# the plain state dicts they always wrote.
-
-
-def full_state(method: nn.Module, optimizer: torch.optim.Optimizer, layout: Layout
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model, optimizer) state dicts with full tensors; under FSDP a collective (every process calls it) whose
-    result is complete on rank 0 only."""
-    if not layout.sharded:
-        return method.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(method, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_state(method: nn.Module, optimizer: torch.optim.Optimizer, layout: Layout, *,
-                    model_state: dict[str, Any] | None = None, optimizer_state: dict[str, Any] | None = None) -> None:
-    """Restore :func:`full_state`'s model and/or optimizer part (every process passes the full dicts; FSDP keeps
-    the shards that are its own)."""
-    if not layout.sharded:
-        if model_state is not None:
-            method.load_state_dict(model_state)
-        if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
-        return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, strict=True)
-    if model_state is not None:
-        set_model_state_dict(method, model_state, options=options)
-    if optimizer_state is not None:
-        set_optimizer_state_dict(method, optimizer, optimizer_state, options=options)
+# --- a whole encoder for evaluation (checkpoints gather their state in cmim.engine.checkpoint) ----------------
 
 
 def gathered_encoder(encoder: MaskedEncoder, layout: Layout, is_main: bool) -> MaskedEncoder | None:

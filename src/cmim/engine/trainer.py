@@ -53,15 +53,14 @@ from cmim.models import MaskedEncoder
 log = logging.getLogger("cmim")
 
 
-def kill_for_test(step: int, rank: int) -> None:
-    """Fault-injection hook of the tests (``CMIM_TEST_KILL_AT_STEP``, ``CMIM_TEST_KILL_RANK``, default 1): the
-    process of that rank kills itself (SIGKILL: no clean-up, as a lost node) after that step, on the first
-    attempt of a torchrun job only, so that the restarted job runs through."""
+def kill_step_for_test(rank: int) -> int | None:
+    """Fault-injection hook of the tests (``CMIM_TEST_KILL_AT_STEP``, ``CMIM_TEST_KILL_RANK``, default 1): the step
+    after which the process of that rank kills itself (SIGKILL: no clean-up, as a lost node), on the first attempt
+    of a torchrun job only, so that the restarted job runs through; None (read once, at set-up) otherwise."""
     at = os.environ.get("CMIM_TEST_KILL_AT_STEP")
-    if at is None or step != int(at) or rank != int(os.environ.get("CMIM_TEST_KILL_RANK", "1")):
-        return
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if at is None or rank != int(os.environ.get("CMIM_TEST_KILL_RANK", "1")):
+        return None
+    return int(at) if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" else None
 
 
 class StepStats:
@@ -153,6 +152,7 @@ class Trainer:
         self.nonfinite_steps = 0  # steps skipped because their loss or gradient norm was NaN/inf (whole run)
         self.logger = MetricsLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=t.tensorboard)
         self.checkpointer = Checkpointer(self.out_dir, t.checkpoint_format, t.keep_checkpoints, self.dist)
+        self.kill_at_step = kill_step_for_test(self.dist.rank)
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -277,7 +277,8 @@ class Trainer:
                 if save_now:
                     self.save_checkpoint()
                     last_saved = self.step
-                kill_for_test(self.step, self.dist.rank)
+                if self.step == self.kill_at_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if stop or end_of_epoch:
                     break
             bar.close()
