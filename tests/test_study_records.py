@@ -158,6 +158,59 @@ def test_results_in_the_old_place_move_into_the_records(study_mod, tmp_path):
     assert st.result_path("ConMIM", "knn", 0).is_file()
 
 
+def test_rerun_of_a_lost_checkpoint_fills_in_backfill_metrics_only(study_mod, tmp_path, monkeypatch):
+    """Results imported without their checkpoint stand; --rerun-lost re-makes the run in <work>/rerun, computes
+    only the metrics added since (with the re-run's own k-NN beside the recorded one) and renews no record."""
+    from study import report
+
+    import cmim.eval.run as eval_run
+
+    st = make_study(study_mod, tmp_path)
+    lost = "lost:conmim:seed0"
+    rec = {"row": "ConMIM", "seed": 0, "checkpoint_sha256": lost, "teacher_sha256": None,
+           "config_fingerprint": st.config_fingerprint("ConMIM", 0), "seconds": 60.0, "img_per_s": None}
+    st.record_path("ConMIM", 0).parent.mkdir(parents=True)
+    st.record_path("ConMIM", 0).write_text(json.dumps(rec))
+    fake_results(st, "ConMIM", 0, 80.0)
+    assert st.weights("ConMIM", 0) == lost and not st.needs_run("ConMIM", 0, ["ConMIM"])
+    assert not st.available("ConMIM", 0) and not st.lost("MoCo v3", 0)
+
+    calls = []
+
+    def fake_eval(protocol, src, cfg, write=False):
+        calls.append((protocol, list(cfg)))
+        return {"top1": 84.0 if "feature=cls" in cfg else 80.5, "top5": 99.0, "features": {"feature": "cls"}}
+
+    monkeypatch.setattr(eval_run, "open_source", lambda path, recipe, ov, **kw: (path, ov))
+    monkeypatch.setattr(eval_run, "run_eval", fake_eval)
+    monkeypatch.setattr(study_mod.choice, "choose_global_feature",
+                        lambda src, cfg, seed: {"choice": "cls", "val_top1": {"cls": 2.0, "mean": 1.0},
+                                                "fit_samples": 8, "val_samples": 2})
+    re = make_study(study_mod, tmp_path, rerun_lost=True)
+    assert re.run_dir("ConMIM", 0) == re.work / "rerun" / "seed0" / "conmim"
+    assert re.needs_run("ConMIM", 0, ["ConMIM"]) and not re.needs_run("MoCo v3", 0, ["ConMIM", "MoCo v3"])
+    fake_run(re, "ConMIM", 0, b"re-made weights")
+    assert re.available("ConMIM", 0) and re.weights("ConMIM", 0) == lost
+    re.evaluate("ConMIM", 0)
+    assert [p for p, _ in calls] == ["knn", "knn"]  # the re-run's check, then knn_global; nothing else re-run
+    got = json.loads(st.result_path("ConMIM", "knn_global", 0).read_text())
+    assert got["top1"] == 84.0 and got["rerun"]["rerun_of"] == lost
+    assert got["rerun"]["check"] == {"metric": "knn", "rerun_top1": 80.5, "recorded_top1": 80.0}
+    assert json.loads(st.record_path("ConMIM", 0).read_text()) == rec  # the record stands for the lost weights
+    rr = json.loads(re.rerun_record_path("ConMIM", 0).read_text())
+    assert rr["rerun_of"] == lost and rr["checkpoint_sha256"] == got["rerun"]["checkpoint_sha256"]
+    assert not re.needs_run("ConMIM", 0, ["ConMIM"])
+
+    shutil.rmtree(re.work)  # a later sitting without the re-run: the filled-in metric stands, labelled
+    st2 = make_study(study_mod, tmp_path)
+    assert st2.cached("ConMIM", "knn_global", 0)["top1"] == 84.0
+    g = st2.gather()
+    assert g["rows"]["ConMIM"]["knn_global"] == [(0, 84.0)] and g["rows"]["ConMIM"]["knn"] == [(0, 80.0)]
+    assert 0 in g["reruns"]["ConMIM"] and "## Re-runs" in report.markdown(st2, g)
+    spec = st2.eval_spec("raw pixels", "knn_global", 0)  # the pixels are their own global feature
+    assert spec.ready and not any(o.startswith("feature=") for o in spec.overrides)
+
+
 def test_committed_records_keep_their_fingerprints(monkeypatch, tmp_path):
     """Every record in benchmarks/study_records/, recomputed by today's code from the design: same fingerprint."""
     monkeypatch.setattr(runner, "fmnist_root", lambda: RECORDED_FMNIST)
@@ -168,7 +221,12 @@ def test_committed_records_keep_their_fingerprints(monkeypatch, tmp_path):
     for path in sorted(records.glob("seed*/**/*.json")):
         rec = json.loads(path.read_text())
         seed = int(path.relative_to(records).parts[0][4:])
-        if path.parent.name == "pretrain":
+        if path.parent.name == "rerun":  # a re-run standing in for a lost checkpoint: same config as its record
+            row = rec["row"]
+            orig = st.record(row, seed)
+            assert orig is not None and rec["rerun_of"] == orig["checkpoint_sha256"], path
+            assert rec["config_fingerprint"] == st.config_fingerprint(row, seed), path
+        elif path.parent.name == "pretrain":
             row = rec["row"]
             assert slug(row) == path.stem
             assert st.config_fingerprint(row, seed) == rec["config_fingerprint"], path

@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ablations", action="store_true", help="also the ablation rows of the design")
     ap.add_argument("--rows", nargs="*", default=None, metavar="NAME",
                     help="only these pre-training / baseline rows (none: only rewrite the outputs)")
+    ap.add_argument("--rerun-lost", action="store_true",
+                    help="re-make the pre-training runs whose checkpoints were lost (records named lost:...) in "
+                    "<work>/rerun, only to fill in the metrics added since (knn_global); the recorded results stand")
     return ap
 
 

@@ -38,6 +38,9 @@ FOLDER_ONLY = {"data.split_twins": True, "data.twin_cosine": 0.99, "data.cache_i
 # train.strategy), activations kept for backward (train.grad_checkpointing=false).
 LATER_DEFAULTS = {"data.bit_depth": "auto", "model.init_from": None, "train.strategy": "ddp",
                   "train.grad_checkpointing": False}
+# the checkpoint_sha256 of a run whose weights are gone (its results were imported from an older results.json):
+# "lost:<row slug>:seed<N>"; `study.py --rerun-lost` re-makes such a run to fill in metrics added since
+LOST = "lost:"
 
 
 def read_json(path: Path) -> Any:

@@ -176,6 +176,28 @@ def _choice_section(g: dict[str, Any]) -> list[str]:
     return [*L, ""]
 
 
+def _rerun_section(study: Study, g: dict[str, Any]) -> list[str]:
+    """Results made from re-runs of lost checkpoints: how close each re-run came to the weights it stands for."""
+    if not g.get("reruns"):
+        return []
+    L = ["## Re-runs for the metrics added later", "",
+         "These rows' checkpoints were lost after their results were recorded, so the metrics added since "
+         "(" + ", ".join(study.design.label(m) for m, spec in study.design.metrics.items() if spec.backfill)
+         + ") come from a re-run of the recorded command (`study.py --rerun-lost`, in `<work>/rerun`; record in "
+         f"`{rel(study.records)}/seedN/rerun/`). The re-run is the same config and seed on another machine or "
+         "library build, so not the same weights; the row's first recorded metric, recomputed from the re-run, "
+         "says how close it came:", "",
+         "| row | seed | metric | recorded | re-run | re-run checkpoint (sha256) |", "|---" * 6 + "|"]
+    for name, by_seed in g["reruns"].items():
+        for seed, r in sorted(by_seed.items()):
+            c = r["check"]
+            rec = c["recorded_top1"]
+            L.append(f"| {name} | {seed} | {study.design.label(c['metric'])} | "
+                     f"{'-' if rec is None else f'{rec:.2f}'} | {c['rerun_top1']:.2f} | "
+                     f"{r['checkpoint_sha256'][:12]} |")
+    return [*L, ""]
+
+
 def markdown(study: Study, g: dict[str, Any]) -> str:
     d, t = study.design, study.design.texts
     rows, minutes = g["rows"], g["minutes"]
@@ -238,6 +260,7 @@ def markdown(study: Study, g: dict[str, Any]) -> str:
         L.append(f"| {name} | " + " | ".join(cells) + f" | {pm} | {ips} |")
     L += ["", f"![study]({d.plot})", ""]
     L += _choice_section(g)
+    L += _rerun_section(study, g)
     L += ["## Claims", ""]
     L += ["| claim [source] | a vs b | metric | a | b | gap | 2·SE | verdict |", "|---" * 8 + "|"]
     limits = False

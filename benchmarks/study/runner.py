@@ -33,6 +33,7 @@ from .design import (
     slug,
 )
 from .records import (
+    LOST,
     RUN_IGNORE,
     Records,
     arch_weights,
@@ -73,6 +74,8 @@ class Study:
         self.design: Design = DESIGNS[getattr(args, "dataset", None) or "fashion-mnist"]
         d = self.design
         self.quick: bool = args.quick
+        # --rerun-lost: re-make lost checkpoints (records named "lost:...") only to fill in backfill metrics
+        self.rerun: bool = getattr(args, "rerun_lost", False)
         self.seeds: list[int] = args.seeds or ([0] if self.quick else [0, 1, 2])
         self.work: Path = (args.work or (d.quick_work if self.quick else d.work)).resolve()
         self.records: Path = (args.records or (self.work / "records" if self.quick else d.records)).resolve()
@@ -89,6 +92,7 @@ class Study:
         self._diff: dict[tuple[str, int], list[str]] = {}
         self._config_fp: dict[tuple[str, int | str], str] = {}
         self._warned: set[tuple[str, int]] = set()
+        self._rerun_notes: dict[tuple[str, int], dict[str, Any]] = {}
         self.log_path = self.work / "study.log"
 
     # --- logging ---------------------------------------------------------------------------------------------
@@ -199,7 +203,7 @@ class Study:
 
     # --- pre-training ----------------------------------------------------------------------------------------
     def run_dir(self, row: str, seed: int | str) -> Path:
-        return self.work / f"seed{seed}" / slug(row)
+        return self.work / ("rerun" if self.rerun else "") / f"seed{seed}" / slug(row)
 
     def pretrain_overrides(self, row: str, seed: int | str) -> list[str]:
         p = self.all_pretrain[row]
@@ -253,8 +257,9 @@ class Study:
 
     def weights(self, row: str, seed: int) -> str | None:
         """The sha256 of the row's pre-trained weights for this seed: of the checkpoint in --work when it is there
-        (its record is written or renewed from it), else of the recorded run; None when there is neither."""
-        if self.has_checkpoint(row, seed):
+        (its record is written or renewed from it), else of the recorded run; None when there is neither. With
+        --rerun-lost always the recorded run's: a re-run stands in for it (rerun_record) and renews nothing."""
+        if self.has_checkpoint(row, seed) and not self.rerun:
             self.write_record(row, seed)
             return self.checkpoint_sha(row, seed)
         rec = self.record(row, seed)
@@ -288,11 +293,49 @@ class Study:
 
     def needs_run(self, row: str, seed: int, rows: list[str]) -> bool:
         """Whether this sitting needs the row's checkpoint in --work: it has no recorded run, some of its results
-        are missing, or a row of this sitting that depends on it has to be pre-trained."""
+        are missing, or a row of this sitting that depends on it has to be pre-trained. With --rerun-lost: the
+        recorded run's checkpoint was lost and a backfill metric of the row is missing (or its student's)."""
+        if self.rerun:
+            if not self.lost(row, seed):
+                return False
+            missing = any(not self.cached(e, m, seed) for e, ev in self.eval_rows.items()
+                          if ev.kind == "pretrained" and ev.pretrain_row == row for m in self.metrics_of(e)
+                          if self.design.metrics[m].backfill)
+            return missing or any(self.all_pretrain[d].teacher == row and self.needs_run(d, seed, rows)
+                                  for d in rows)
         if self.weights(row, seed) is None or not self.complete(row, seed):
             return True
         return any(self.all_pretrain[d].teacher == row and not self.has_checkpoint(d, seed)
                    and self.needs_run(d, seed, rows) for d in rows)
+
+    def lost(self, row: str, seed: int) -> bool:
+        """The row's recorded run stands for weights that no longer exist (imported from an older results.json)."""
+        rec = self.record(row, seed)
+        return rec is not None and str(rec["checkpoint_sha256"]).startswith(LOST)
+
+    def rerun_record_path(self, row: str, seed: int | str) -> Path:
+        return self.records / f"seed{seed}" / "rerun" / f"{slug(row)}.json"
+
+    def rerun_record(self, row: str, seed: int) -> dict[str, Any] | None:
+        """What stands in for a lost checkpoint: a finished re-run of the recorded command in <work>/rerun (its
+        record is written here), when there is one."""
+        if not (self.rerun and self.has_checkpoint(row, seed)):
+            return None
+        rec = self.record(row, seed)
+        assert rec is not None
+        sha = self.checkpoint_sha(row, seed)
+        dep = self.all_pretrain[row].teacher
+        t = self.pretrain_time(row, seed)
+        new = {"row": row, "seed": seed, "rerun_of": rec["checkpoint_sha256"], "checkpoint_sha256": sha,
+               "teacher_sha256": self.checkpoint_sha(dep, seed) if dep else None,
+               "config_fingerprint": self.config_fingerprint(row, seed), "seconds": t["seconds"],
+               "img_per_s": t["img_per_s"], "machine": machine(), "command": self.pretrain_command(row, seed)}
+        path = self.rerun_record_path(row, seed)
+        old = read_json(path)
+        if old and all(old.get(k) == new[k] for k in ("rerun_of", "checkpoint_sha256", "config_fingerprint")):
+            return old
+        write_json(path, new)
+        return new
 
     def finished(self, row: str, seed: int) -> dict[str, Any] | None:
         out = self.run_dir(row, seed)
@@ -310,7 +353,7 @@ class Study:
                              f"another --work")
         if self.finished(row, seed):
             self.log(f"seed {seed} {row}: pre-training finished earlier, reused ({rel(out)})")
-            self.weights(row, seed)  # its record
+            self.rerun_record(row, seed) if self.rerun else self.weights(row, seed)  # its record
             return
         cmd = [sys.executable, "-m", "cmim.cli", "pretrain", str(self.recipe(row)), *self.pretrain_overrides(row, seed)]
         out.mkdir(parents=True, exist_ok=True)
@@ -345,7 +388,7 @@ class Study:
         if s is None:
             raise StudyError(f"seed {seed} {row}: pre-training ended without finishing its steps; see "
                              f"{rel(out / 'pretrain.log')}")
-        self.weights(row, seed)  # its record
+        self.rerun_record(row, seed) if self.rerun else self.weights(row, seed)  # its record
         t = self.pretrain_time(row, seed)
         self.log(f"seed {seed} {row}: pre-trained {s['steps']} steps in {t['seconds'] / 60:.1f} min of training "
                  f"({t['img_per_s']:.0f} img/s; {(time.perf_counter() - t0) / 60:.1f} min wall)")
@@ -406,7 +449,7 @@ class Study:
         then reads F)."""
         row, m = self.all_evals[name], self.design.metrics[metric]
         ov = self._base_overrides(name, seed)
-        feature = m.feature or row.feature
+        feature = None if row.kind == "pixels" else m.feature or row.feature  # pixels are their own feature
         ready = True
         if m.protocol != "finetune" and feature is not None:
             if feature == CHOSEN:
@@ -488,15 +531,48 @@ class Study:
             "row": name, "seed": seed, **res, "seconds": secs, "fingerprint": fp,
             # the features it compared: those of this k-NN command's train part, with feature=cls and feature=mean
             "features_of": self.show(self.command(dataclasses.replace(spec, protocol="knn"))),
-            "machine": machine()})
+            "machine": machine(), **self.rerun_note(name, seed)})
         scores = ", ".join(f"{f} {v:.2f}" for f, v in res["val_top1"].items())
         self.log(f"seed {seed} {name}: global feature {res['choice']} (validation k-NN {scores}; {secs:.0f} s)")
         return True
 
     def available(self, name: str, seed: int) -> bool:
-        """The row's weights can be evaluated in this sitting (a pre-trained row: its checkpoint is in --work)."""
+        """The row's weights can be evaluated in this sitting (a pre-trained row: its checkpoint is in --work;
+        with --rerun-lost: a re-run of its lost checkpoint is)."""
         row = self.all_evals[name]
-        return row.kind != "pretrained" or self.has_checkpoint(row.pretrain_row, seed)  # type: ignore[arg-type]
+        if row.kind != "pretrained":
+            return True
+        assert row.pretrain_row is not None
+        return self.has_checkpoint(row.pretrain_row, seed) and (not self.rerun or self.lost(row.pretrain_row, seed))
+
+    def rerun_note(self, name: str, seed: int) -> dict[str, Any]:
+        """Where a result made from a re-run came from (empty for any other result): the re-run's record, and its
+        row's first recorded metric recomputed from the re-run beside the recorded value, which says how close the
+        re-run came to the lost weights."""
+        row = self.all_evals[name]
+        if not self.rerun or row.kind != "pretrained":
+            return {}
+        if (name, seed) in self._rerun_notes:
+            return self._rerun_notes[(name, seed)]
+        assert row.pretrain_row is not None
+        rec = self.rerun_record(row.pretrain_row, seed)
+        assert rec is not None
+        check = next(m for m in self.metrics_of(name) if not self.design.metrics[m].backfill)
+        recorded = self.cached(name, check, seed)
+        from cmim.eval.run import open_source, run_eval
+
+        spec = self.eval_spec(name, check, seed)
+        src, cfg = open_source(spec.path, spec.recipe, [*spec.overrides, f"cache_dir={self.work / 'features'}"],
+                               raw_pixels=spec.raw_pixels, arch=spec.arch)
+        top1 = float(run_eval(spec.protocol, src, cfg, write=False)["top1"])
+        self.log(f"seed {seed} {name}: the re-run's {check} {top1:.2f}% (recorded: "
+                 f"{recorded['top1'] if recorded else 'none'})")
+        note = {"rerun": {"record": rel(self.rerun_record_path(row.pretrain_row, seed)),
+                          "checkpoint_sha256": rec["checkpoint_sha256"], "rerun_of": rec["rerun_of"],
+                          "check": {"metric": check, "rerun_top1": top1,
+                                    "recorded_top1": recorded["top1"] if recorded else None}}}
+        self._rerun_notes[(name, seed)] = note
+        return note
 
     def evaluate(self, name: str, seed: int) -> None:
         from cmim.eval.run import open_source, run_eval
@@ -504,6 +580,8 @@ class Study:
         for metric in self.metrics_of(name):
             if self.cached(name, metric, seed):
                 continue
+            if self.rerun and self.all_evals[name].kind == "pretrained" and not self.design.metrics[metric].backfill:
+                continue  # a re-run fills in backfill metrics only; the recorded results stand
             if self.design.metrics[metric].backfill and not self.available(name, seed):
                 self.log(f"seed {seed} {name} {metric}: skipped, it needs the row's checkpoint in {rel(self.work)}")
                 continue
@@ -527,7 +605,7 @@ class Study:
             secs = time.perf_counter() - t0
             write_json(path, {"row": name, "metric": metric, "seed": seed, "top1": res["top1"], "top5": res["top5"],
                               "seconds": secs, "fingerprint": fp, "command": self.show(cmd), "machine": machine(),
-                              "result": res})
+                              "result": res, **self.rerun_note(name, seed)})
             self.log(f"seed {seed} {name} {metric}: top-1 {res['top1']:.2f}% ({secs:.0f} s)")
 
     # --- gathering -------------------------------------------------------------------------------------------
@@ -539,6 +617,7 @@ class Study:
         choices: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         eval_seconds, untimed = 0.0, 0
         machines: dict[str, set[int]] = {}  # where the results were made -> seeds
+        reruns: dict[str, dict[int, dict[str, Any]]] = {}  # results made from a re-run of a lost checkpoint
         for name, ev in self.all_evals.items():
             got: dict[str, list[tuple[int, float]]] = {}
             for seed in self.seeds:
@@ -549,11 +628,14 @@ class Study:
                         eval_seconds += float(r.get("seconds") or 0.0)
                         untimed += r.get("seconds") is None
                         machines.setdefault(r.get("machine") or "machine not recorded", set()).add(seed)
+                        if r.get("rerun"):
+                            reruns.setdefault(name, {})[seed] = r["rerun"]
                         m = self.design.metrics[metric]
-                        if m.protocol != "finetune" and (m.feature or ev.feature) == CHOSEN:
+                        if m.protocol != "finetune" and ev.kind != "pixels" and (m.feature or ev.feature) == CHOSEN:
                             feat = (r.get("result") or {}).get("features", {}).get("feature", "?")
                             features.setdefault(name, {}).setdefault(metric, []).append((seed, feat))
-                if any((self.design.metrics[m].feature or ev.feature) == CHOSEN for m in self.metrics_of(name)):
+                if ev.kind != "pixels" and any((self.design.metrics[m].feature or ev.feature) == CHOSEN
+                                               for m in self.metrics_of(name)):
                     rec = self.choice_record(name, seed)
                     if rec:
                         choices.setdefault(name, []).append((seed, rec))
@@ -598,7 +680,8 @@ class Study:
                     m["img_per_s"].append((seed, t["img_per_s"]))
         pre_seconds = sum(t["seconds"] for r in own.values() for t in r.values())
         return {"rows": rows, "minutes": minutes, "eval_seconds": eval_seconds, "pretrain_seconds": pre_seconds,
-                "untimed": untimed, "machines": machines, "features": features, "choices": choices}
+                "untimed": untimed, "machines": machines, "features": features, "choices": choices,
+                "reruns": reruns}
 
     def random_init_claims(self) -> list[Claim]:
         """"Pre-training beats random init" (knn, linear) for every main row that random init is a fair baseline
