@@ -233,7 +233,8 @@ def test_committed_records_keep_their_fingerprints(monkeypatch, tmp_path):
             assert st.record(row, seed) is not None, path  # MimCo's teacher sha256 included
         else:
             name, metric = names[path.parent.name], path.stem
-            assert st.fingerprint(name, st.eval_spec(name, metric, seed), seed) == rec["fingerprint"], path
+            spec = st.choice_spec(name, seed) if metric == "feature_choice" else st.eval_spec(name, metric, seed)
+            assert st.fingerprint(name, spec, seed) == rec["fingerprint"], path
         checked += 1
     assert checked == len(list(records.glob("seed*/**/*.json"))) > 0
 
