@@ -159,13 +159,18 @@ def _data_section(study: Study) -> list[str]:
             f"`{rel(study.records / 'data.json')}`.", ""]
 
 
-def _choice_section(g: dict[str, Any]) -> list[str]:
+def _choice_section(study: Study, g: dict[str, Any]) -> list[str]:
     if not g["choices"]:
         return []
+    d = study.design
+    read = sorted({m for e in g["choices"] for m in study.metrics_of(e)
+                   if d.metrics[m].protocol != "finetune" and (d.metrics[m].feature or study.all_evals[e].feature)
+                   == CHOSEN}, key=list(d.metrics).index)
+    twins = ", near-duplicate files kept together as the folder split keeps them" if study.folder else ""
     L = ["## Global feature chosen per row", "",
-         "k-NN (k=20) from the training part's other files to a validation part of it (20%, drawn like the "
-         "folder split, near-duplicates kept together, with seed 1000 + the seed), on CLS and on the mean of the "
-         "patch tokens; the better one is the row's feature for k-NN and the linear probes of that seed.", "",
+         "k-NN (k=20) from the rest of the training part to a validation part of it (20%, drawn with seed 1000 + "
+         f"the seed{twins}), on CLS and on the mean of the patch tokens; the better one is the row's feature for "
+         + ", ".join(d.label(m) for m in read) + " of that seed. The test split plays no part.", "",
          "| row | seed | chosen | validation k-NN, cls | validation k-NN, mean | fit / validation images |",
          "|---" * 6 + "|"]
     for name, recs in g["choices"].items():
@@ -184,9 +189,9 @@ def _rerun_section(study: Study, g: dict[str, Any]) -> list[str]:
          "These rows' checkpoints were lost after their results were recorded, so the metrics added since "
          "(" + ", ".join(study.design.label(m) for m, spec in study.design.metrics.items() if spec.backfill)
          + ") come from a re-run of the recorded command (`study.py --rerun-lost`, in `<work>/rerun`; record in "
-         f"`{rel(study.records)}/seedN/rerun/`). The re-run is the same config and seed on another machine or "
-         "library build, so not the same weights; the row's first recorded metric, recomputed from the re-run, "
-         "says how close it came:", "",
+         f"`{rel(study.records)}/seedN/rerun/`): same config, seed and code path, possibly another machine. The "
+         "lost weights' sha256 was not kept, so whether the re-run made the same weights cannot be checked "
+         "directly; the row's first recorded metric, recomputed from the re-run, says how close it came:", "",
          "| row | seed | metric | recorded | re-run | re-run checkpoint (sha256) |", "|---" * 6 + "|"]
     for name, by_seed in g["reruns"].items():
         for seed, r in sorted(by_seed.items()):
@@ -259,7 +264,7 @@ def markdown(study: Study, g: dict[str, Any]) -> str:
             pm = ips = "-"
         L.append(f"| {name} | " + " | ".join(cells) + f" | {pm} | {ips} |")
     L += ["", f"![study]({d.plot})", ""]
-    L += _choice_section(g)
+    L += _choice_section(study, g)
     L += _rerun_section(study, g)
     L += ["## Claims", ""]
     L += ["| claim [source] | a vs b | metric | a | b | gap | 2·SE | verdict |", "|---" * 8 + "|"]
