@@ -171,3 +171,16 @@ def test_restarted_job_does_not_read_the_lost_attempts_addresses(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src")))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "attempt 1 rank 0 sum 2" in r.stdout and "attempt 1 rank 1 sum 2" in r.stdout
+
+
+@pytest.mark.parametrize("launched", [True, False])
+def test_a_torchrun_worker_ends_without_the_interpreter_teardown(launched):
+    """`cmim` under torchrun ends with its exit code right after its output is flushed, skipping the teardown in
+    which a worker could abort now and then; a plain launch ends normally."""
+    code = ("import atexit; from cmim.core.distributed import end_worker; "
+            "atexit.register(lambda: print('teardown')); print('done', end=''); end_worker(3)")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+    if launched:
+        env["TORCHELASTIC_RUN_ID"] = "test"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert (r.returncode, r.stdout) == ((3, "done") if launched else (0, "doneteardown\n"))

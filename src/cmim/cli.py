@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from cmim.config import ConfigError, load_config
 from cmim.core.cli_args import CliParser
+from cmim.core.distributed import end_worker
 from cmim.core.errors import CheckpointError, TrainingError
 
 USER_ERRORS = (ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError)
@@ -76,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return int(func(args) or 0)
+        code = int(func(args) or 0)
     except USER_ERRORS as e:
         print(f"cmim: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("cmim: interrupted; resume with the same command (train.resume=auto)", file=sys.stderr)
-        return 130
+        code = 130
+    end_worker(code)  # a torchrun worker ends here
+    return code
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, one process or many
+    launched = launched_by_torchrun()  # torchrun sets TORCHELASTIC_RUN_ID, one process or many
     if launched and not dist.is_initialized():
         store = _attempt_store(rank, world_size)
         if device.type == "cuda":  # device_id: NCCL binds this GPU at once (no guessing in barrier())
@@ -113,6 +113,30 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def end_worker(code: int) -> None:
+    """A torchrun worker whose command has finished (its process group left, its files written) ends here with
+    ``code`` and skips the interpreter's teardown: under load a worker was seen to abort in it now and then
+    (SIGABRT, "terminate called without an active exception", 1 run in 25 of a 2-process FSDP test), which
+    torchrun reports as a failed worker and restarts. Output and log handlers are flushed first. Elsewhere:
+    returns, and the process ends normally."""
+    if not launched_by_torchrun():
+        return
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
+            pass
+    os._exit(code)
 
 
 def cleanup() -> None:
