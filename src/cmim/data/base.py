@@ -13,6 +13,7 @@ items are divided by 255 by the view stage.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -97,6 +98,7 @@ class SkipRecord:
     was skipped; listed before :class:`BaseImageDataset` in their bases, whose counts (none) it replaces."""
 
     _bad: torch.Tensor
+    targets: np.ndarray
 
     @property
     def skip_flags(self) -> torch.Tensor:
@@ -112,6 +114,25 @@ class SkipRecord:
     @property
     def num_skipped(self) -> int:
         return int(self._bad.sum())
+
+    def first_readable(self, order: Iterable[int], requested: int) -> tuple[Any, int]:
+        """(item, label) of the first readable sample of ``order``; only a failure of ``requested`` itself is
+        recorded (the others are met again as themselves)."""
+        for i in order:
+            if self._bad[i]:
+                continue
+            item = self.try_load(i, record=i == requested)
+            if item is not None:
+                return item, int(self.targets[i])
+        raise RuntimeError(self.nothing_readable())
+
+    def try_load(self, index: int, record: bool = True) -> Any:
+        """The decoded sample, or None when it is unreadable (flagged when ``record``)."""
+        raise NotImplementedError
+
+    def nothing_readable(self) -> str:
+        """The error when no sample is readable."""
+        raise NotImplementedError
 
     @property
     def skipped_paths(self) -> list[str]:

@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -189,15 +189,8 @@ class ImageFolderDataset(SkipRecord, BaseImageDataset):
                 self._mark_bad(index, err)
             return None
 
-    def first_readable(self, order: Iterable[int], requested: int) -> tuple[Image.Image | EncodedJpeg, int]:
-        """The first readable sample of ``order``; only a failure of ``requested`` itself is recorded."""
-        for i in order:
-            if self._bad[i]:
-                continue
-            img = self.try_load(i, record=i == requested)
-            if img is not None:
-                return img, int(self.targets[i])
-        raise RuntimeError(f"no readable image left in {self.root}")
+    def nothing_readable(self) -> str:
+        return f"no readable image left in {self.root}"
 
     def __getitem__(self, index: int) -> tuple[Image.Image | EncodedJpeg, int]:
         n = len(self.paths)

@@ -160,14 +160,10 @@ class ShardDataset(SkipRecord, BaseImageDataset):
         """Sample ``index``, or (unreadable) the next readable one, as the folder dataset does."""
         n = len(self.targets)
         index = int(index) % n
-        for step in range(n):
-            i = (index + step) % n
-            if self._bad[i]:
-                continue
-            img = self.try_load(i, record=i == index)
-            if img is not None:
-                return img, int(self.targets[i])
-        raise RuntimeError(f"no readable sample left in the shards {self.sources[0]}...")
+        return self.first_readable(((index + k) % n for k in range(n)), requested=index)
+
+    def nothing_readable(self) -> str:
+        return f"no readable sample left in the shards {self.sources[0]}..."
 
     def sample_name(self, index: int) -> str:
         return self.name(index)
