@@ -211,6 +211,32 @@ def test_rerun_of_a_lost_checkpoint_fills_in_backfill_metrics_only(study_mod, tm
     assert spec.ready and not any(o.startswith("feature=") for o in spec.overrides)
 
 
+def test_a_recorded_run_whose_work_dir_is_gone_counts_as_lost(study_mod, tmp_path):
+    """A record with its real sha256 stands for weights too; once they are gone from --work, --rerun-lost re-makes
+    them, and the report says whether the re-run made the same bytes."""
+    from study import report
+
+    st = make_study(study_mod, tmp_path)
+    fake_run(st, "ConMIM", 0, b"weights-a")
+    sha = st.weights("ConMIM", 0)  # writes the record
+    fake_results(st, "ConMIM", 0, 80.0)
+    re = make_study(study_mod, tmp_path, rerun_lost=True)
+    assert not re.lost("ConMIM", 0) and not re.needs_run("ConMIM", 0, ["ConMIM"])  # the weights are still there
+    (st.run_dir("ConMIM", 0) / CHECKPOINT_FILE).write_bytes(b"other weights")
+    assert re.lost("ConMIM", 0)  # a checkpoint, but not the recorded one
+    shutil.rmtree(st.work / "seed0")
+    assert re.lost("ConMIM", 0) and re.needs_run("ConMIM", 0, ["ConMIM"]) and re.weights("ConMIM", 0) == sha
+    assert not re.lost("MoCo v3", 0)  # no record: nothing stands for it
+    fake_run(re, "ConMIM", 0, b"weights-a")  # a re-run that made the same bytes
+    rr = re.rerun_record("ConMIM", 0)
+    assert rr["rerun_of"] == sha == rr["checkpoint_sha256"]
+    rerun = {"check": {"metric": "knn", "rerun_top1": 80.0, "recorded_top1": 80.0}, **rr}
+    lines = report._rerun_section(re, {"reruns": {"ConMIM": {0: rerun}}})
+    assert lines[-2].endswith("| yes |")
+    lines = report._rerun_section(re, {"reruns": {"ConMIM": {0: {**rerun, "rerun_of": "lost:conmim:seed0"}}}})
+    assert lines[-2].endswith("| sha256 not kept |")
+
+
 def test_committed_records_keep_their_fingerprints(monkeypatch, tmp_path):
     """Every record in benchmarks/study_records/, recomputed by today's code from the design: same fingerprint."""
     monkeypatch.setattr(runner, "fmnist_root", lambda: RECORDED_FMNIST)

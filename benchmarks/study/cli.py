@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rows", nargs="*", default=None, metavar="NAME",
                     help="only these pre-training / baseline rows (none: only rewrite the outputs)")
     ap.add_argument("--rerun-lost", action="store_true",
-                    help="re-make the pre-training runs whose checkpoints were lost (records named lost:...) in "
+                    help="re-make the recorded pre-training runs whose checkpoints are not in --work (records named "
+                    "lost:..., or whose recorded sha256 is missing there) in "
                     "<work>/rerun, only to fill in the metrics added since (knn_global); the recorded results stand")
     return ap
 

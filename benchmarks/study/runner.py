@@ -74,7 +74,7 @@ class Study:
         self.design: Design = DESIGNS[getattr(args, "dataset", None) or "fashion-mnist"]
         d = self.design
         self.quick: bool = args.quick
-        # --rerun-lost: re-make lost checkpoints (records named "lost:...") only to fill in backfill metrics
+        # --rerun-lost: re-make lost checkpoints (not in --work) only to fill in backfill metrics
         self.rerun: bool = getattr(args, "rerun_lost", False)
         self.seeds: list[int] = args.seeds or ([0] if self.quick else [0, 1, 2])
         self.work: Path = (args.work or (d.quick_work if self.quick else d.work)).resolve()
@@ -309,9 +309,16 @@ class Study:
                    and self.needs_run(d, seed, rows) for d in rows)
 
     def lost(self, row: str, seed: int) -> bool:
-        """The row's recorded run stands for weights that no longer exist (imported from an older results.json)."""
+        """The row's recorded run stands for weights that are not in --work: imported from an older results.json
+        without them (``lost:...``), or recorded with their sha256 from a work dir that is gone."""
         rec = self.record(row, seed)
-        return rec is not None and str(rec["checkpoint_sha256"]).startswith(LOST)
+        if rec is None:
+            return False
+        sha = str(rec["checkpoint_sha256"])
+        if sha.startswith(LOST):
+            return True
+        ckpt = self.work / f"seed{seed}" / slug(row) / CHECKPOINT_FILE  # where the recorded run wrote it
+        return not ckpt.is_file() or sha256_file(ckpt) != sha
 
     def rerun_record_path(self, row: str, seed: int | str) -> Path:
         return self.records / f"seed{seed}" / "rerun" / f"{slug(row)}.json"
