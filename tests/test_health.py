@@ -86,7 +86,8 @@ def test_monitor_warns_on_a_collapsed_encoder(tmp_path, capsys) -> None:
     summary = pretrain(cfg, callbacks=[Collapse(), HealthMonitor(cfg)])
     out = capsys.readouterr().out
     warnings = [ln for ln in out.splitlines() if "WARNING" in ln]
-    assert len(warnings) == 1 and warnings[0].startswith("[health] WARNING: the embeddings look collapsed at epoch 1")
+    assert len(warnings) == 1
+    assert warnings[0].startswith("[health] WARNING: the embeddings may be collapsing at epoch 1")
     assert "feature std 0.0000 < 0.25 x its start" in warnings[0]
     records = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
                if r["kind"] == "health"]

@@ -142,6 +142,7 @@ class HealthMonitor(Callback):
                        f"(spread: ~{h['dim'] ** -0.5:.3f}), mean cosine {h['mean_cos']:.3f} "
                        f"({h['images']} {where} images, {mon.encoder} {mon.feature})")
             if why is not None:
-                tqdm.write(f"[health] WARNING: the embeddings look collapsed at epoch {trainer.epoch} step "
-                           f"{trainer.step} ({why}); check optim.lr, the EMA momentum and the views")
+                tqdm.write(f"[health] WARNING: the embeddings may be collapsing at epoch {trainer.epoch} step "
+                           f"{trainer.step} ({why}); if a k-NN still rises they only crowd together, otherwise "
+                           f"check optim.lr, the EMA momentum and the views")
         barrier()
