@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .design import CHOSEN, Claim, LimitClaim, rel
-from .records import LOST, machine
+from .records import machine
 
 if TYPE_CHECKING:
     from .runner import Study
@@ -190,19 +190,17 @@ def _rerun_section(study: Study, g: dict[str, Any]) -> list[str]:
          "(" + ", ".join(study.design.label(m) for m, spec in study.design.metrics.items() if spec.backfill)
          + ") come from a re-run of the recorded command (`study.py --rerun-lost`, in `<work>/rerun`; record in "
          f"`{rel(study.records)}/seedN/rerun/`): same config, seed and code path, possibly another machine. "
-         "Where the lost weights' sha256 was kept, the table says whether the re-run made the same bytes (bf16 "
-         "matmuls differ in the last bits between CPU kinds, so another machine rarely does); in every case the "
-         "row's first recorded metric, recomputed from the re-run, says how close it came:", "",
-         "| row | seed | metric | recorded | re-run | re-run checkpoint (sha256) | same weights |", "|---" * 7 + "|"]
+         "A checkpoint file holds its run's config, output folder included, so its sha256 cannot show whether the "
+         "re-run made the same weights; the row's first recorded metric, recomputed from the re-run, says how "
+         "close it came:", "",
+         "| row | seed | metric | recorded | re-run | re-run checkpoint (sha256) |", "|---" * 6 + "|"]
     for name, by_seed in g["reruns"].items():
         for seed, r in sorted(by_seed.items()):
             c = r["check"]
             rec = c["recorded_top1"]
-            kept = not r["rerun_of"].startswith(LOST)
-            same = ("yes" if r["rerun_of"] == r["checkpoint_sha256"] else "no") if kept else "sha256 not kept"
             L.append(f"| {name} | {seed} | {study.design.label(c['metric'])} | "
                      f"{'-' if rec is None else f'{rec:.2f}'} | {c['rerun_top1']:.2f} | "
-                     f"{r['checkpoint_sha256'][:12]} | {same} |")
+                     f"{r['checkpoint_sha256'][:12]} |")
     return [*L, ""]
 
 
