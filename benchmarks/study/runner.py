@@ -202,8 +202,10 @@ class Study:
                              + ("" if self.quick else " -- add it first (--quick uses the CPU recipes)"))
 
     # --- pre-training ----------------------------------------------------------------------------------------
-    def run_dir(self, row: str, seed: int | str) -> Path:
-        return self.work / ("rerun" if self.rerun else "") / f"seed{seed}" / slug(row)
+    def run_dir(self, row: str, seed: int | str, rerun: bool | None = None) -> Path:
+        """Where the row's run lives in --work (``rerun``: a re-run's place or the recorded run's; default: this
+        sitting's)."""
+        return self.work / ("rerun" if (self.rerun if rerun is None else rerun) else "") / f"seed{seed}" / slug(row)
 
     def pretrain_overrides(self, row: str, seed: int | str) -> list[str]:
         p = self.all_pretrain[row]
@@ -317,7 +319,7 @@ class Study:
         sha = str(rec["checkpoint_sha256"])
         if sha.startswith(LOST):
             return True
-        ckpt = self.work / f"seed{seed}" / slug(row) / CHECKPOINT_FILE  # where the recorded run wrote it
+        ckpt = self.run_dir(row, seed, rerun=False) / CHECKPOINT_FILE  # where the recorded run wrote it
         return not ckpt.is_file() or sha256_file(ckpt) != sha
 
     def rerun_record_path(self, row: str, seed: int | str) -> Path:

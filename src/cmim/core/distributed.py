@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -127,9 +129,6 @@ def end_worker(code: int) -> None:
     returns, and the process ends normally."""
     if not launched_by_torchrun():
         return
-    import logging
-    import sys
-
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
