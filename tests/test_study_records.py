@@ -90,6 +90,12 @@ def test_record_outlives_the_work_dir(study_mod, tmp_path):
     g = st2.gather()
     assert g["rows"]["ConMIM"]["knn"] == [(0, 80.0)]
     assert g["minutes"]["ConMIM"]["total"] == [(0, 1.0)]
+    # the header names where the encoders were pre-trained when that is not where they were evaluated
+    from study import report
+
+    assert g["machines"] == {"test": {0}} and list(g["pretrain_machines"].values()) == [{0}]
+    pretrained_on = next(iter(g["pretrain_machines"]))
+    assert pretrained_on != "test" and f"pre-trained on {pretrained_on} (seed 0)" in report.markdown(st2, g)
 
 
 def test_missing_result_or_changed_recipe_needs_the_checkpoint(study_mod, tmp_path):

@@ -212,11 +212,18 @@ def markdown(study: Study, g: dict[str, Any]) -> str:
     mins = (g["pretrain_seconds"] + g["eval_seconds"]) / 60
     quick = " --quick" if study.quick else ""
     L = [t.title, ""]
-    where = "; ".join(f"{m} (seed{'s' if len(sd) > 1 else ''} {', '.join(map(str, sorted(sd)))})"
-                      for m, sd in sorted(g["machines"].items(), key=lambda kv: min(kv[1]))) or machine()
+    def where_made(machines: dict[str, set[int]]) -> str:
+        return " and ".join(f"{m} (seed{'s' if len(sd) > 1 else ''} {', '.join(map(str, sorted(sd)))})"
+                         for m, sd in sorted(machines.items(), key=lambda kv: min(kv[1])))
+
+    evaluated_on = where_made(g["machines"]) or machine()
+    where = f"on {evaluated_on}"
+    if g["pretrain_machines"] and g["pretrain_machines"] != g["machines"]:
+        # a CPU kind changes bf16 rounding, so a seed pre-trained elsewhere cannot be re-made bit for bit here
+        where = f"(evaluated on {evaluated_on}; pre-trained on {where_made(g['pretrain_machines'])})"
     untimed = (f"; {g['untimed']} results imported from an earlier results.json carry no time"
                if g["untimed"] else "")
-    L += [f"Made by `{d.command}{quick}` on {where}, seeds {study.seeds}: {mins:.0f} min of "
+    L += [f"Made by `{d.command}{quick}` {where}, seeds {study.seeds}: {mins:.0f} min of "
           f"runs in all ({g['pretrain_seconds'] / 60:.0f} min pre-training, {g['eval_seconds'] / 60:.0f} min "
           f"evaluation{untimed}; times of the runs themselves, summed). Times and img/s are comparable only "
           f"between runs made on an otherwise idle machine. The numbers are also in "

@@ -625,7 +625,8 @@ class Study:
         features: dict[str, dict[str, list[tuple[int, str]]]] = {}  # metrics read on a chosen feature
         choices: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         eval_seconds, untimed = 0.0, 0
-        machines: dict[str, set[int]] = {}  # where the results were made -> seeds
+        machines: dict[str, set[int]] = {}  # where the evaluations were made -> seeds
+        pretrain_machines: dict[str, set[int]] = {}  # where the encoders were pre-trained -> seeds
         reruns: dict[str, dict[int, dict[str, Any]]] = {}  # results made from a re-run of a lost checkpoint
         for name, ev in self.all_evals.items():
             got: dict[str, list[tuple[int, float]]] = {}
@@ -658,6 +659,7 @@ class Study:
                     rec = self.record(row, seed)
                     assert rec is not None
                     own.setdefault(row, {})[seed] = {"seconds": float(rec["seconds"]), "img_per_s": rec["img_per_s"]}
+                    pretrain_machines.setdefault(rec.get("machine") or "machine not recorded", set()).add(seed)
                 diff = self.finished(row, seed) and self.config_diff(row, seed)
                 if diff and (row, seed) not in self._warned:
                     self._warned.add((row, seed))
@@ -689,7 +691,8 @@ class Study:
                     m["img_per_s"].append((seed, t["img_per_s"]))
         pre_seconds = sum(t["seconds"] for r in own.values() for t in r.values())
         return {"rows": rows, "minutes": minutes, "eval_seconds": eval_seconds, "pretrain_seconds": pre_seconds,
-                "untimed": untimed, "machines": machines, "features": features, "choices": choices,
+                "untimed": untimed, "machines": machines, "pretrain_machines": pretrain_machines,
+                "features": features, "choices": choices,
                 "reruns": reruns}
 
     def random_init_claims(self) -> list[Claim]:
