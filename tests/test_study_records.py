@@ -213,6 +213,9 @@ def test_rerun_of_a_lost_checkpoint_fills_in_backfill_metrics_only(study_mod, tm
     g = st2.gather()
     assert g["rows"]["ConMIM"]["knn_global"] == [(0, 84.0)] and g["rows"]["ConMIM"]["knn"] == [(0, 80.0)]
     assert 0 in g["reruns"]["ConMIM"] and "## Re-runs" in report.markdown(st2, g)
+    rerun_row = next(line for line in report.markdown(st2, g).splitlines() if line.startswith("| ConMIM | 0 | k-NN"))
+    cpu = report.machine().split(",")[0]
+    assert f"| not recorded / {cpu} |" in rerun_row  # the imported record names no machine; the re-run does
     spec = st2.eval_spec("raw pixels", "knn_global", 0)  # the pixels are their own global feature
     assert spec.ready and not any(o.startswith("feature=") for o in spec.overrides)
 

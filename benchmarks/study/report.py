@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .design import CHOSEN, Claim, LimitClaim, rel
-from .records import machine
+from .records import machine, read_json
 
 if TYPE_CHECKING:
     from .runner import Study
@@ -192,15 +192,23 @@ def _rerun_section(study: Study, g: dict[str, Any]) -> list[str]:
          f"`{rel(study.records)}/seedN/rerun/`): same config, seed and code path, possibly another machine. "
          "A checkpoint file holds its run's config, output folder included, so its sha256 cannot show whether the "
          "re-run made the same weights; the row's first recorded metric, recomputed from the re-run, says how "
-         "close it came:", "",
-         "| row | seed | metric | recorded | re-run | re-run checkpoint (sha256) |", "|---" * 6 + "|"]
+         "close it came (a run pre-trained on another CPU kind rounds its bf16 matmuls differently, so it cannot "
+         "come back bit for bit):", "",
+         "| row | seed | metric | recorded | re-run | pre-trained on: recorded / re-run | re-run checkpoint (sha256) |",
+         "|---" * 7 + "|"]
+
+    def cpu(record_path: Path) -> str:
+        made_on = (read_json(record_path) or {}).get("machine")
+        return made_on.split(",")[0] if made_on else "not recorded"
+
     for name, by_seed in g["reruns"].items():
         for seed, r in sorted(by_seed.items()):
             c = r["check"]
             rec = c["recorded_top1"]
+            recorded_on = cpu(study.record_path(name, seed))
             L.append(f"| {name} | {seed} | {study.design.label(c['metric'])} | "
                      f"{'-' if rec is None else f'{rec:.2f}'} | {c['rerun_top1']:.2f} | "
-                     f"{r['checkpoint_sha256'][:12]} |")
+                     f"{recorded_on} / {cpu(study.rerun_record_path(name, seed))} | {r['checkpoint_sha256'][:12]} |")
     return [*L, ""]
 
 
