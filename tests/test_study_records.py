@@ -349,3 +349,23 @@ def test_feature_choice_on_a_validation_part_of_the_training_part(tmp_path, monk
     pairs = [(f"a/copy{i}.png", f"a/sub0/{2 * i}.png") for i in range(4)]
     pairs = [(c, o) for c, o in pairs if c in side and o in side]
     assert pairs and all(side[c] == side[o] for c, o in pairs)  # every copy on the side of its original
+
+
+def test_folder_results_name_each_rows_global_feature(tmp_path):
+    """results_folder.json names the feature that k-NN and the linear probes read, per row (the issue's schema): the
+    pixels are their own; an encoder's is the choice of each seed; a row without probes has none."""
+    from study import report
+
+    src = tmp_path / "png"
+    write_clipart(src, {"a": 20, "b": 20})
+    st = make_study(runner, tmp_path, dataset="openclipart", clipart_root=src, seeds=[0, 1])
+    g = {"rows": {"raw pixels": {"knn": [(0, 50.0), (1, 52.0)], "linear": [(0, 40.0), (1, 42.0)]},
+                  "ConMIM": {"knn": [(0, 51.0), (1, 53.0)], "linear": [(0, 47.0), (1, 45.0)],
+                             "finetune": [(0, 46.0), (1, 48.0)]},
+                  "supervised from scratch": {"finetune": [(0, 45.0), (1, 47.0)]}},
+         "features": {"ConMIM": {"knn": [(1, "mean"), (0, "cls")], "linear": [(0, "cls"), (1, "mean")]}},
+         "minutes": {}}
+    rows = {r["name"]: r for r in report.results_json(st, g)["rows"]}
+    assert rows["raw pixels"]["feature"] == "pixels"
+    assert rows["ConMIM"]["feature"] == ["cls", "mean"] == rows["ConMIM"]["knn"]["feature"]  # in seed order
+    assert "feature" not in rows["supervised from scratch"] and "feature" not in rows["ConMIM"]["finetune"]

@@ -69,6 +69,11 @@ def results_json(study: Study, g: dict[str, Any]) -> dict[str, Any]:
                 chosen = g["features"].get(name, {}).get(m)
                 if chosen:  # the global feature chosen per seed, in the order of "values"
                     row[m]["feature"] = [f for _, f in sorted(chosen)]
+        probes = [m for m in study.design.metrics if got.get(m) and study.design.metrics[m].protocol != "finetune"]
+        if probes and study.all_evals[name].kind == "pixels":
+            row["feature"] = "pixels"
+        elif probes and all("feature" in row[m] for m in probes):  # every probe of the row read the chosen one
+            row["feature"] = row[probes[0]]["feature"]
         mt = g["minutes"].get(name)
         if mt and mt["total"]:
             row["pretrain_minutes"] = stat(mt["total"], 2)
