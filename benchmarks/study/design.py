@@ -75,6 +75,11 @@ class Metric:
     feature: str | None = None
     backfill: bool = False
 
+    @property
+    def probe(self) -> bool:
+        """A probe of frozen features (k-NN, linear), which read a feature; a fine-tune mean-pools its own."""
+        return self.protocol != "finetune"
+
 
 @dataclass(frozen=True)
 class Claim:

@@ -71,6 +71,19 @@ def parsed_recipe(path: Path) -> str:
     return json.dumps(read_recipe(path.resolve()), sort_keys=True, default=str)
 
 
+NOT_RECORDED = "machine not recorded"
+
+
+def made_on(record: dict[str, Any] | None) -> str:
+    """The machine a record names (records imported from an earlier results.json name none)."""
+    return (record or {}).get("machine") or NOT_RECORDED
+
+
+def cpu_of(machine_line: str) -> str:
+    """The CPU part of a :func:`machine` line, for a table cell."""
+    return "not recorded" if machine_line == NOT_RECORDED else machine_line.split(",")[0]
+
+
 def machine() -> str:
     from cmim.bench import machine as bench_machine
     from cmim.core.precision import native_bf16

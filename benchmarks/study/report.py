@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .design import CHOSEN, Claim, LimitClaim, rel
-from .records import machine, read_json
+from .records import cpu_of, machine
 
 if TYPE_CHECKING:
     from .runner import Study
@@ -69,7 +69,7 @@ def results_json(study: Study, g: dict[str, Any]) -> dict[str, Any]:
                 chosen = g["features"].get(name, {}).get(m)
                 if chosen:  # the global feature chosen per seed, in the order of "values"
                     row[m]["feature"] = [f for _, f in sorted(chosen)]
-        probes = [m for m in study.design.metrics if got.get(m) and study.design.metrics[m].protocol != "finetune"]
+        probes = [m for m in study.design.metrics if got.get(m) and study.design.metrics[m].probe]
         if probes and study.all_evals[name].kind == "pixels":
             row["feature"] = "pixels"
         elif probes and all("feature" in row[m] for m in probes):  # every probe of the row read the chosen one
@@ -169,8 +169,7 @@ def _choice_section(study: Study, g: dict[str, Any]) -> list[str]:
         return []
     d = study.design
     read = sorted({m for e in g["choices"] for m in study.metrics_of(e)
-                   if d.metrics[m].protocol != "finetune" and (d.metrics[m].feature or study.all_evals[e].feature)
-                   == CHOSEN}, key=list(d.metrics).index)
+                   if study.reads_chosen_feature(e, m)}, key=list(d.metrics).index)
     twins = ", near-duplicate files kept together as the folder split keeps them" if study.folder else ""
     L = ["## Global feature chosen per row", "",
          "k-NN (k=20) from the rest of the training part to a validation part of it (20%, drawn with seed 1000 + "
@@ -202,18 +201,14 @@ def _rerun_section(study: Study, g: dict[str, Any]) -> list[str]:
          "| row | seed | metric | recorded | re-run | pre-trained on: recorded / re-run | re-run checkpoint (sha256) |",
          "|---" * 7 + "|"]
 
-    def cpu(record_path: Path) -> str:
-        made_on = (read_json(record_path) or {}).get("machine")
-        return made_on.split(",")[0] if made_on else "not recorded"
-
     for name, by_seed in g["reruns"].items():
         for seed, r in sorted(by_seed.items()):
             c = r["check"]
             rec = c["recorded_top1"]
-            recorded_on = cpu(study.record_path(name, seed))
+            recorded_on, rerun_on = map(cpu_of, r["pretrained_on"])
             L.append(f"| {name} | {seed} | {study.design.label(c['metric'])} | "
                      f"{'-' if rec is None else f'{rec:.2f}'} | {c['rerun_top1']:.2f} | "
-                     f"{recorded_on} / {cpu(study.rerun_record_path(name, seed))} | {r['checkpoint_sha256'][:12]} |")
+                     f"{recorded_on} / {rerun_on} | {r['checkpoint_sha256'][:12]} |")
     return [*L, ""]
 
 
@@ -329,8 +324,7 @@ def markdown(study: Study, g: dict[str, Any]) -> str:
             if m in metrics:
                 L.append(study.show(study.command(study.eval_spec(name, m, "S"))))
     L += ["```", ""]
-    if any((d.metrics[m].feature or study.all_evals[e].feature) == CHOSEN and d.metrics[m].protocol != "finetune"
-           for e in rows for m in study.metrics_of(e) if m in metrics):
+    if any(study.reads_chosen_feature(e, m) for e in rows for m in study.metrics_of(e) if m in metrics):
         L += ["`F` is the global feature chosen for the row and seed (table above).", ""]
     L += [t.root_note.format(root=rel(study.data_root())), ""]
     return "\n".join(L)

@@ -40,6 +40,7 @@ from .records import (
     config_fingerprint,
     flatten,
     machine,
+    made_on,
     read_json,
     result_fingerprint,
     write_json,
@@ -147,6 +148,11 @@ class Study:
 
     def metrics_of(self, name: str) -> list[str]:
         return self.design.kind_metrics[self.all_evals[name].kind]
+
+    def reads_chosen_feature(self, name: str, metric: str) -> bool:
+        """Whether the row's metric probes the global feature chosen per seed (the pixels are their own)."""
+        ev, m = self.all_evals[name], self.design.metrics[metric]
+        return m.probe and ev.kind != "pixels" and (m.feature or ev.feature) == CHOSEN
 
     def select(self, names: list[str] | None) -> tuple[list[str], list[str]]:
         """(pre-training rows to run, in dependency order; eval rows to compute) for --rows."""
@@ -628,7 +634,7 @@ class Study:
         machines: dict[str, set[int]] = {}  # where the evaluations were made -> seeds
         pretrain_machines: dict[str, set[int]] = {}  # where the encoders were pre-trained -> seeds
         reruns: dict[str, dict[int, dict[str, Any]]] = {}  # results made from a re-run of a lost checkpoint
-        for name, ev in self.all_evals.items():
+        for name in self.all_evals:
             got: dict[str, list[tuple[int, float]]] = {}
             for seed in self.seeds:
                 for metric in self.metrics_of(name):
@@ -637,15 +643,15 @@ class Study:
                         got.setdefault(metric, []).append((seed, float(r["top1"])))
                         eval_seconds += float(r.get("seconds") or 0.0)
                         untimed += r.get("seconds") is None
-                        machines.setdefault(r.get("machine") or "machine not recorded", set()).add(seed)
-                        if r.get("rerun"):
-                            reruns.setdefault(name, {})[seed] = r["rerun"]
-                        m = self.design.metrics[metric]
-                        if m.protocol != "finetune" and ev.kind != "pixels" and (m.feature or ev.feature) == CHOSEN:
+                        machines.setdefault(made_on(r), set()).add(seed)
+                        if r.get("rerun"):  # with where the recorded run and the re-run were pre-trained
+                            reruns.setdefault(name, {})[seed] = {
+                                **r["rerun"], "pretrained_on": (made_on(read_json(self.record_path(name, seed))),
+                                                                made_on(read_json(self.rerun_record_path(name, seed))))}
+                        if self.reads_chosen_feature(name, metric):
                             feat = (r.get("result") or {}).get("features", {}).get("feature", "?")
                             features.setdefault(name, {}).setdefault(metric, []).append((seed, feat))
-                if ev.kind != "pixels" and any((self.design.metrics[m].feature or ev.feature) == CHOSEN
-                                               for m in self.metrics_of(name)):
+                if any(self.reads_chosen_feature(name, m) for m in self.metrics_of(name)):
                     rec = self.choice_record(name, seed)
                     if rec:
                         choices.setdefault(name, []).append((seed, rec))
@@ -659,7 +665,7 @@ class Study:
                     rec = self.record(row, seed)
                     assert rec is not None
                     own.setdefault(row, {})[seed] = {"seconds": float(rec["seconds"]), "img_per_s": rec["img_per_s"]}
-                    pretrain_machines.setdefault(rec.get("machine") or "machine not recorded", set()).add(seed)
+                    pretrain_machines.setdefault(made_on(rec), set()).add(seed)
                 diff = self.finished(row, seed) and self.config_diff(row, seed)
                 if diff and (row, seed) not in self._warned:
                     self._warned.add((row, seed))
