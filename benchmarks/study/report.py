@@ -212,6 +212,12 @@ def _rerun_section(study: Study, g: dict[str, Any]) -> list[str]:
     return [*L, ""]
 
 
+def where_made(machines: dict[str, set[int]]) -> str:
+    """"CPU line (seeds 0, 1) and other CPU line (seed 2)", in seed order."""
+    return " and ".join(f"{m} (seed{'s' if len(sd) > 1 else ''} {', '.join(map(str, sorted(sd)))})"
+                        for m, sd in sorted(machines.items(), key=lambda kv: min(kv[1])))
+
+
 def markdown(study: Study, g: dict[str, Any]) -> str:
     d, t = study.design, study.design.texts
     rows, minutes = g["rows"], g["minutes"]
@@ -220,10 +226,6 @@ def markdown(study: Study, g: dict[str, Any]) -> str:
     mins = (g["pretrain_seconds"] + g["eval_seconds"]) / 60
     quick = " --quick" if study.quick else ""
     L = [t.title, ""]
-    def where_made(machines: dict[str, set[int]]) -> str:
-        return " and ".join(f"{m} (seed{'s' if len(sd) > 1 else ''} {', '.join(map(str, sorted(sd)))})"
-                         for m, sd in sorted(machines.items(), key=lambda kv: min(kv[1])))
-
     evaluated_on = where_made(g["machines"]) or machine()
     where = f"on {evaluated_on}"
     if g["pretrain_machines"] and g["pretrain_machines"] != g["machines"]:
